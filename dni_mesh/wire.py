@@ -1,0 +1,434 @@
+"""Wire codec: messages <-> ZeroMQ multipart frames (spec: protocols/wire-v1.md).
+
+A message is one msgpack header frame (a map) followed by one raw little-endian, C-contiguous
+buffer frame per tensor. The codec is pure (no sockets) so that it can be tested byte for byte
+against the golden vectors in protocols/vectors/ and reused by any transport.
+
+Frames come from untrusted peers, so `decode` checks everything it can from the header and the
+frame lengths *before* it builds a tensor or allocates memory sized by the sender, and it raises
+only `WireError`. Nothing here unpickles, evaluates or imports what it reads.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from typing import ClassVar, Union
+
+import msgpack
+import numpy as np
+import torch
+
+if sys.byteorder != "little":  # buffers are shipped as raw host words
+    raise ImportError("dni_mesh.wire supports little-endian hosts only")
+
+PROTOCOL_VERSION = 1
+PHASES = ("train", "eval")
+
+# Wire dtype name -> torch dtype. bfloat16 travels as its raw 2-byte words.
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+# Tensors whose dtype the protocol fixes (labels are class indices).
+_FIXED_DTYPES = {"labels": "int64"}
+_TENSOR_KEYS = ("name", "dtype", "shape", "nbytes")
+_INT64_MAX = 2**63 - 1
+
+
+class WireError(ValueError):
+    """The one error `decode` raises: the text names the field and the problem."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Receiver-side bounds, checked before anything sized by the sender is allocated."""
+
+    max_header_bytes: int = 64 * 1024
+    max_dims: int = 8
+    max_tensors: int = 8
+    max_tensor_bytes: int = 1 << 30
+    max_message_bytes: int = 1 << 31  # sum of the buffer frames
+
+
+DEFAULT_LIMITS = Limits()
+
+Check = Callable[[object], Union[str, None]]  # returns the problem, or None when valid
+
+
+def _show(value: object) -> str:
+    """A short description of a received value for error texts (peers may send megabytes)."""
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
+def _text(value: object) -> str | None:
+    return None if type(value) is str else f"must be a string, got {_show(value)}"
+
+
+def _count(value: object) -> str | None:
+    # `type(...) is int` on purpose: msgpack booleans decode as bool, a subclass of int.
+    if type(value) is int and 0 <= value <= _INT64_MAX:
+        return None
+    return f"must be an integer in [0, 2**63), got {_show(value)}"
+
+
+def _real(value: object) -> str | None:
+    return None if type(value) is float else f"must be a float, got {_show(value)}"
+
+
+def _phase(value: object) -> str | None:
+    if type(value) is str and value in PHASES:
+        return None
+    return f"must be 'train' or 'eval', got {_show(value)}"
+
+
+def _values(value: object) -> str | None:
+    if type(value) is not dict:
+        return f"must be a map, got {_show(value)}"
+    for key, item in value.items():
+        if type(key) is not str:
+            return f"keys must be strings, got {_show(key)}"
+        if type(item) is int and -_INT64_MAX - 1 <= item <= _INT64_MAX:
+            continue
+        if type(item) not in (float, str):
+            return f"[{key!r}] must be an int64, float or string, got {_show(item)}"
+    return None
+
+
+@dataclass(frozen=True)
+class _Message:
+    """Base of all messages: validates on construction, so encode only ships valid messages."""
+
+    KIND: ClassVar[str]
+    FIELDS: ClassVar[tuple[tuple[str, Check], ...]]  # header scalars, in wire order
+    LAYOUTS: ClassVar[tuple[tuple[str, ...], ...]] = ((),)  # allowed tensor names, in frame order
+
+    def __post_init__(self) -> None:
+        for name, check in self.FIELDS:
+            _require(check(getattr(self, name)), f"{self.KIND}.{name}")
+        present = _tensor_names(self)
+        if present not in self.LAYOUTS:
+            raise WireError(f"{self.KIND}.tensors: {list(present)} is not one of {_layouts(self)}")
+        for name in present:
+            _check_tensor(getattr(self, name), f"{self.KIND}.{name}", _FIXED_DTYPES.get(name))
+
+
+@dataclass(frozen=True, eq=False)
+class Activation(_Message):
+    """Forward message on an edge: the activation h (and, for cDNI, the labels) of step seq."""
+
+    KIND = "act"
+    FIELDS = (("edge", _text), ("seq", _count), ("phase", _phase))
+    LAYOUTS = (("h",), ("h", "labels"))
+    edge: str
+    seq: int
+    h: torch.Tensor
+    labels: torch.Tensor | None = None
+    phase: str = "train"
+
+
+@dataclass(frozen=True, eq=False)
+class Gradient(_Message):
+    """Backward message: dL/dh for step seq. dh None is a bare credit (no gradient to fit)."""
+
+    KIND = "grad"
+    FIELDS = (("edge", _text), ("seq", _count))
+    LAYOUTS = ((), ("dh",))
+    edge: str
+    seq: int
+    dh: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Hello(_Message):
+    """A node announces itself to the launcher: who, which process, where its inbox listens."""
+
+    KIND = "hello"
+    FIELDS = (("node", _text), ("pid", _count), ("host", _text), ("address", _text))
+    node: str
+    pid: int
+    host: str
+    address: str
+
+
+@dataclass(frozen=True)
+class Ready(_Message):
+    """A node has connected to all its peers and can take traffic."""
+
+    KIND = "ready"
+    FIELDS = (("node", _text),)
+    node: str
+
+
+@dataclass(frozen=True)
+class Heartbeat(_Message):
+    """Application liveness: the step counter proves the Python loop advances, not just libzmq."""
+
+    KIND = "heartbeat"
+    FIELDS = (("node", _text), ("step", _count), ("time", _real))
+    node: str
+    step: int
+    time: float
+
+
+@dataclass(frozen=True)
+class Metrics(_Message):
+    """Named scalar measurements of a node at a step (loss, accuracy, counters)."""
+
+    KIND = "metrics"
+    FIELDS = (("node", _text), ("step", _count), ("values", _values))
+    node: str
+    step: int
+    values: dict[str, float | int | str]
+
+
+@dataclass(frozen=True)
+class Stop(_Message):
+    """Ask a node (or tell the launcher) to stop, with a human-readable reason."""
+
+    KIND = "stop"
+    FIELDS = (("node", _text), ("reason", _text))
+    node: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class End(_Message):
+    """No more messages on this edge; seq counts the messages sent on it before End."""
+
+    KIND = "end"
+    FIELDS = (("edge", _text), ("seq", _count))
+    edge: str
+    seq: int
+
+
+@dataclass(frozen=True)
+class EndAck(_Message):
+    """The receiver has taken End out of its inbox; echoes End's edge and seq."""
+
+    KIND = "end_ack"
+    FIELDS = (("edge", _text), ("seq", _count))
+    edge: str
+    seq: int
+
+
+@dataclass(frozen=True)
+class Error(_Message):
+    """A node reports a failure (to the launcher) as text."""
+
+    KIND = "error"
+    FIELDS = (("node", _text), ("text", _text))
+    node: str
+    text: str
+
+
+Message = Union[Activation, Gradient, Hello, Ready, Heartbeat, Metrics, Stop, End, EndAck, Error]
+KINDS: dict[str, type[_Message]] = {
+    cls.KIND: cls for cls in (Activation, Gradient, Hello, Ready, Heartbeat, Metrics, Stop, End, EndAck, Error)
+}
+
+
+def _require(problem: str | None, where: str) -> None:
+    if problem is not None:
+        raise WireError(f"{where}: {problem}")
+
+
+def _tensor_names(msg: _Message) -> tuple[str, ...]:
+    """Names of the tensors a message carries, in frame order (None means absent)."""
+    scalars = {name for name, _ in msg.FIELDS}
+    return tuple(f.name for f in fields(msg) if f.name not in scalars and getattr(msg, f.name) is not None)
+
+
+def _layouts(cls: type[_Message] | _Message) -> str:
+    return " or ".join(str(list(layout)) for layout in cls.LAYOUTS)
+
+
+def _check_tensor(tensor: object, where: str, fixed_dtype: str | None) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise WireError(f"{where}: must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.layout != torch.strided:
+        raise WireError(f"{where}: only dense (strided) tensors can be sent, got {tensor.layout}")
+    name = _DTYPE_NAMES.get(tensor.dtype)
+    if name is None:
+        raise WireError(f"{where}: unsupported dtype {tensor.dtype}; supported: {', '.join(DTYPES)}")
+    if fixed_dtype is not None and name != fixed_dtype:
+        raise WireError(f"{where}: must be {fixed_dtype}, got {name}")
+
+
+def _buffer(tensor: torch.Tensor) -> memoryview:
+    """The tensor's bytes, C-contiguous, without copying when it already is on the CPU and dense."""
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    # The memoryview keeps the tensor's storage alive until the transport releases the frame.
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def encode(msg: Message) -> list[bytes | memoryview]:
+    """Frames for `msg`: the msgpack header, then one zero-copy buffer per tensor.
+
+    Header keys are written in a fixed order so equal messages give identical bytes. The buffers
+    alias the tensors' memory: do not modify a tensor in place until its frames have been sent.
+    """
+    if not isinstance(msg, _Message):
+        raise TypeError(f"encode: not a wire message: {type(msg).__name__}")
+    header: dict[str, object] = {"v": PROTOCOL_VERSION, "kind": msg.KIND}
+    header.update((name, getattr(msg, name)) for name, _ in msg.FIELDS)
+    tensors = [(name, getattr(msg, name)) for name in _tensor_names(msg)]
+    buffers = [_buffer(tensor) for _, tensor in tensors]
+    header["tensors"] = [
+        {"name": name, "dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "nbytes": buf.nbytes}
+        for (name, t), buf in zip(tensors, buffers)
+    ]
+    return [msgpack.packb(header, use_bin_type=True), *buffers]
+
+
+def _as_bytes(frame: object, where: str) -> memoryview:
+    """A flat byte view of one frame (bytes, bytearray, memoryview, zmq.Frame, ...)."""
+    try:
+        view = memoryview(frame)  # type: ignore[arg-type]
+    except TypeError:
+        raise WireError(f"{where}: not a bytes-like object: {type(frame).__name__}") from None
+    if view.ndim == 1 and view.format == "B":
+        return view
+    if not view.c_contiguous:
+        raise WireError(f"{where}: buffer is not contiguous")
+    return view.cast("B")
+
+
+def _unpack_header(frame: memoryview, limits: Limits) -> dict:
+    if frame.nbytes > limits.max_header_bytes:
+        raise WireError(f"header: {frame.nbytes} bytes exceeds the limit of {limits.max_header_bytes}")
+    try:
+        header = msgpack.unpackb(
+            frame,
+            raw=False,
+            strict_map_key=True,
+            max_str_len=limits.max_header_bytes,
+            max_bin_len=limits.max_header_bytes,
+            max_array_len=max(limits.max_dims, limits.max_tensors),
+            max_map_len=limits.max_header_bytes,
+            max_ext_len=0,
+        )
+    except (ValueError, msgpack.UnpackException) as exc:  # every malformed-msgpack error
+        raise WireError(f"header: not valid msgpack ({type(exc).__name__}: {exc})") from None
+    if type(header) is not dict:
+        raise WireError(f"header: must be a map, got {_show(header)}")
+    return header
+
+
+def _check_keys(found: dict, expected: Sequence[str], where: str) -> None:
+    missing = [key for key in expected if key not in found]
+    if missing:
+        raise WireError(f"{where}: missing field(s) {missing}")
+    unknown = [key for key in found if key not in expected]
+    if unknown:
+        raise WireError(f"{where}: unknown field(s) {[_show(key) for key in unknown]}")
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """One validated tensor descriptor and its frame, ready to be turned into a tensor."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    frame: memoryview
+
+
+def _check_descriptor(desc: object, frame: memoryview, where: str, limits: Limits) -> _Slot:
+    if type(desc) is not dict:
+        raise WireError(f"{where}: must be a map, got {_show(desc)}")
+    _check_keys(desc, _TENSOR_KEYS, where)
+    name, dtype_name, shape, nbytes = (desc[key] for key in _TENSOR_KEYS)
+    _require(_text(name), f"{where}.name")
+    if type(dtype_name) is not str or dtype_name not in DTYPES:
+        raise WireError(f"{where}.dtype: unsupported {_show(dtype_name)}; supported: {', '.join(DTYPES)}")
+    fixed = _FIXED_DTYPES.get(name)
+    if fixed is not None and dtype_name != fixed:
+        raise WireError(f"{where}.dtype: {name} must be {fixed}, got {dtype_name}")
+    if type(shape) is not list:
+        raise WireError(f"{where}.shape: must be a list, got {_show(shape)}")
+    if len(shape) > limits.max_dims:
+        raise WireError(f"{where}.shape: {len(shape)} dims exceeds the limit of {limits.max_dims}")
+    for i, size in enumerate(shape):
+        _require(_count(size), f"{where}.shape[{i}]")
+    _require(_count(nbytes), f"{where}.nbytes")
+    dtype = DTYPES[dtype_name]
+    expected = math.prod(shape) * dtype.itemsize  # exact Python ints: no overflow
+    if nbytes != expected:
+        raise WireError(f"{where}.nbytes: {nbytes} != prod({shape}) * {dtype.itemsize} = {expected}")
+    if nbytes > limits.max_tensor_bytes:
+        raise WireError(f"{where}.nbytes: {nbytes} exceeds the limit of {limits.max_tensor_bytes}")
+    if frame.nbytes != nbytes:
+        raise WireError(f"{where}: frame has {frame.nbytes} bytes, header says {nbytes}")
+    if dtype == torch.bool and nbytes and np.frombuffer(frame, dtype=np.uint8).max() > 1:
+        raise WireError(f"{where}: bool bytes must be 0 or 1")
+    return _Slot(name, dtype, tuple(shape), frame)
+
+
+def _tensor(slot: _Slot) -> torch.Tensor:
+    """A tensor over the frame's memory when that is safe, else an aligned private copy.
+
+    Zero-copy needs a writable buffer (torch has no read-only tensors; zmq frames are writable,
+    `bytes` are not) whose address is aligned to the element size. Either way the result is an
+    ordinary writable CPU tensor that nothing else writes to.
+    """
+    if slot.frame.nbytes == 0:
+        return torch.empty(slot.shape, dtype=slot.dtype)
+    raw = np.frombuffer(slot.frame, dtype=np.uint8)
+    if not slot.frame.readonly and raw.ctypes.data % slot.dtype.itemsize == 0:
+        flat = torch.frombuffer(slot.frame, dtype=slot.dtype)
+    else:
+        copy = torch.empty(slot.frame.nbytes, dtype=torch.uint8)
+        copy.numpy()[:] = raw
+        flat = copy.view(slot.dtype)
+    return flat.reshape(slot.shape)
+
+
+def decode(frames: Sequence[bytes | memoryview], limits: Limits = DEFAULT_LIMITS) -> Message:
+    """The message in `frames` (header first, no routing-id frames), fully validated first.
+
+    Raises WireError, naming the field and the problem, for anything that does not follow
+    protocols/wire-v1.md or exceeds `limits`.
+    """
+    if not 1 <= len(frames) <= 1 + limits.max_tensors:
+        raise WireError(f"frames: {len(frames)} frames, expected 1 header + at most {limits.max_tensors} tensors")
+    views = [_as_bytes(frame, f"frames[{i}]") for i, frame in enumerate(frames)]
+    header = _unpack_header(views[0], limits)
+    version = header.get("v")
+    if type(version) is not int or version != PROTOCOL_VERSION:
+        raise WireError(f"header.v: unsupported protocol version {_show(version)}; this node speaks {PROTOCOL_VERSION}")
+    kind = header.get("kind")
+    cls = KINDS.get(kind) if type(kind) is str else None
+    if cls is None:
+        raise WireError(f"header.kind: unknown message kind {_show(kind)}; known: {', '.join(KINDS)}")
+    _check_keys(header, ("v", "kind", *(name for name, _ in cls.FIELDS), "tensors"), kind)
+    for name, check in cls.FIELDS:
+        _require(check(header[name]), f"{kind}.{name}")
+    descriptors = header["tensors"]
+    if type(descriptors) is not list:
+        raise WireError(f"{kind}.tensors: must be a list, got {_show(descriptors)}")
+    if len(frames) != 1 + len(descriptors):
+        raise WireError(f"frames: {len(frames)} frames, header lists {len(descriptors)} tensors (+1 header)")
+    slots, total = [], 0
+    for i, (desc, frame) in enumerate(zip(descriptors, views[1:])):
+        slot = _check_descriptor(desc, frame, f"{kind}.tensors[{i}]", limits)
+        total += frame.nbytes
+        if total > limits.max_message_bytes:
+            raise WireError(f"{kind}.tensors: {total} bytes exceeds the limit of {limits.max_message_bytes}")
+        slots.append(slot)
+    names = tuple(slot.name for slot in slots)
+    if names not in cls.LAYOUTS:
+        raise WireError(f"{kind}.tensors: names {list(names)} are not one of {_layouts(cls)}")
+    values = {name: header[name] for name, _ in cls.FIELDS}
+    values.update((slot.name, _tensor(slot)) for slot in slots)
+    return cls(**values)  # type: ignore[return-value]
