@@ -65,10 +65,14 @@ DEFAULT_LIMITS = Limits()
 Check = Callable[[object], Union[str, None]]  # returns the problem, or None when valid
 
 
-def _show(value: object) -> str:
-    """A short description of a received value for error texts (peers may send megabytes)."""
+def _clip(value: object) -> str:
+    """repr() cut short for error texts: a peer may send megabytes."""
     text = repr(value)
-    return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _show(value: object) -> str:
+    return f"{type(value).__name__} {_clip(value)}"
 
 
 def _text(value: object) -> str | None:
@@ -314,12 +318,12 @@ def _unpack_header(frame: memoryview, limits: Limits) -> dict:
             strict_map_key=True,
             max_str_len=limits.max_header_bytes,
             max_bin_len=limits.max_header_bytes,
-            max_array_len=max(limits.max_dims, limits.max_tensors),
-            max_map_len=limits.max_header_bytes,
+            max_array_len=limits.max_header_bytes,  # bounds allocation; the checks below
+            max_map_len=limits.max_header_bytes,  # give the precise errors (dims, tensors)
             max_ext_len=0,
         )
     except (ValueError, msgpack.UnpackException) as exc:  # every malformed-msgpack error
-        raise WireError(f"header: not valid msgpack ({type(exc).__name__}: {exc})") from None
+        raise WireError(f"header: not valid msgpack ({exc!r})") from None
     if type(header) is not dict:
         raise WireError(f"header: must be a map, got {_show(header)}")
     return header
@@ -328,10 +332,10 @@ def _unpack_header(frame: memoryview, limits: Limits) -> dict:
 def _check_keys(found: dict, expected: Sequence[str], where: str) -> None:
     missing = [key for key in expected if key not in found]
     if missing:
-        raise WireError(f"{where}: missing field(s) {missing}")
+        raise WireError(f"{where}: missing field(s) {', '.join(missing)}")
     unknown = [key for key in found if key not in expected]
     if unknown:
-        raise WireError(f"{where}: unknown field(s) {[_show(key) for key in unknown]}")
+        raise WireError(f"{where}: unknown field(s) {', '.join(_clip(key) for key in unknown)}")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,188 @@
+"""Write the golden vectors of protocols/wire-v1.md into protocols/vectors/.
+
+The vectors pin the exact bytes of the protocol so that the Python codec cannot drift and so
+that an implementation in another language can test itself against them (format:
+protocols/vectors/README.md). Everything here is built from fixed numbers, so a rerun writes
+identical files; `--check` only compares and exits 1 when a file is missing, stale or extra.
+
+    python protocols/make_vectors.py          # (re)write the vectors
+    python protocols/make_vectors.py --check  # verify them, write nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from a checkout without installing the package
+    sys.path.insert(0, str(ROOT))
+from dni_mesh import wire  # noqa: E402
+
+VECTORS = ROOT / "protocols" / "vectors"
+
+
+def _bf16_words(*words: int) -> torch.Tensor:
+    """A bfloat16 tensor with exactly these raw 16-bit patterns (NaN payloads included)."""
+    return torch.from_numpy(np.array(words, dtype=np.uint16).view(np.int16)).view(torch.bfloat16)
+
+
+def _valid() -> list[tuple[str, str, wire.Message]]:
+    """(name, description, message) of every valid vector: each kind and each dtype once at least."""
+    grid = torch.arange(6, dtype=torch.float32).reshape(2, 3) - 2.5
+    return [
+        ("act_float32", "act with a float32 h and int64 labels (cDNI)",
+         wire.Activation("l1->l2", 7, grid, torch.tensor([3, 9], dtype=torch.int64))),
+        ("act_float64_eval", "act without labels in the eval phase",
+         wire.Activation("l1->l2", 8, grid.double() / 4, phase="eval")),
+        ("act_float16", "act with a float16 h", wire.Activation("e", 0, grid.half())),
+        ("act_int64", "act with an int64 h (e.g. token ids)",
+         wire.Activation("e", 1, torch.tensor([[-1, 2**40], [0, 2**62]], dtype=torch.int64))),
+        ("act_int32", "act with an int32 h", wire.Activation("e", 2, torch.tensor([-2**31, 0, 2**31 - 1], dtype=torch.int32))),
+        ("act_uint8", "act with a uint8 h (e.g. raw pixels)", wire.Activation("e", 3, torch.tensor([[0, 127], [128, 255]], dtype=torch.uint8))),
+        ("act_bool", "act with a bool h (one byte each, 0 or 1)", wire.Activation("e", 4, torch.tensor([True, False, True]))),
+        ("act_empty", "act with an empty h of shape [0, 4]: zero-length buffer frame",
+         wire.Activation("e", 5, torch.zeros(0, 4))),
+        ("act_scalar", "act with a 0-d h: shape [], one element", wire.Activation("e", 6, torch.tensor(1.5))),
+        ("grad_bfloat16", "grad with bfloat16 dh: 1, -2, +inf, -inf, quiet NaN, NaN with payload 0x25, "
+         "all-ones NaN, -0, smallest subnormal (raw words)",
+         wire.Gradient("l2->head", 7, _bf16_words(0x3F80, 0xC000, 0x7F80, 0xFF80, 0x7FC0, 0x7FA5, 0xFFFF, 0x8000, 0x0001))),
+        ("grad_float32", "grad with a float32 dh", wire.Gradient("l1->l2", 7, grid / 8)),
+        ("grad_credit", "grad without dh: a credit only", wire.Gradient("l1->l2", 9)),
+        ("hello", "hello from a node to the launcher",
+         wire.Hello("l1", 4242, "worker-3", "tcp://10.0.0.3:5555")),
+        ("ready", "ready", wire.Ready("l1")),
+        ("heartbeat", "heartbeat at step 1200", wire.Heartbeat("l1", 1200, 1700000000.25)),
+        ("metrics", "metrics with an int, a float and a string value",
+         wire.Metrics("head", 300, {"loss": 0.125, "correct": 231, "phase": "train"})),
+        ("stop", "stop", wire.Stop("launcher", "epochs done")),
+        ("end", "end of the edge after 600 messages", wire.End("l1->l2", 600)),
+        ("end_ack", "end_ack answering that end", wire.EndAck("l1->l2", 600)),
+        ("error", "error report (UTF-8 text)", wire.Error("l2", "CUDA out of memory — batch 256")),
+    ]
+
+
+def _frames(header: dict, *buffers: bytes) -> list[bytes]:
+    return [msgpack.packb(header, use_bin_type=True), *buffers]
+
+
+def _invalid() -> list[tuple[str, str, str, list[bytes]]]:
+    """(name, description, field path the error names, frames) of vectors a receiver must drop."""
+    h = wire.Activation("e", 1, torch.zeros(2, 2), torch.tensor([1, 0]))
+    frames = [bytes(f) for f in wire.encode(h)]
+    act = msgpack.unpackb(frames[0])
+    end = {"v": 1, "kind": "end", "edge": "e", "seq": 3, "tensors": []}
+
+    def act_with(**changes: object) -> dict:
+        return {**act, **changes}
+
+    def tensor0(**changes: object) -> list:
+        return [{**act["tensors"][0], **changes}, act["tensors"][1]]
+
+    return [
+        ("not_msgpack", "header frame is not msgpack", "header", [b"\xc1"]),
+        ("header_not_map", "header is a msgpack array", "header", _frames([1, "end"])),
+        ("header_too_big", "header frame over max_header_bytes (65536)", "header",
+         [msgpack.packb({**end, "edge": "x" * 70000})]),
+        ("unknown_version", "v = 2", "header.v", _frames({**end, "v": 2})),
+        ("version_as_string", "v = \"1\"", "header.v", _frames({**end, "v": "1"})),
+        ("unknown_kind", "kind = checkpoint", "header.kind", _frames({**end, "kind": "checkpoint"})),
+        ("missing_field", "end without seq", "end", _frames({k: v for k, v in end.items() if k != "seq"})),
+        ("unknown_field", "end with an extra field", "end", _frames({**end, "color": "red"})),
+        ("bool_seq", "seq = true (bool is not an integer)", "end.seq", _frames({**end, "seq": True})),
+        ("negative_seq", "seq = -1", "end.seq", _frames({**end, "seq": -1})),
+        ("float_time", "heartbeat time sent as an integer", "heartbeat.time",
+         _frames({"v": 1, "kind": "heartbeat", "node": "n", "step": 1, "time": 5, "tensors": []})),
+        ("bad_phase", "phase = test", "act.phase", [msgpack.packb(act_with(phase="test")), *frames[1:]]),
+        ("extra_frame", "one more buffer frame than tensors", "frames", [*frames, b""]),
+        ("missing_frame", "labels frame missing", "frames", frames[:2]),
+        ("nbytes_mismatch", "nbytes != prod(shape) * itemsize", "act.tensors[0].nbytes",
+         [msgpack.packb(act_with(tensors=tensor0(nbytes=12))), *frames[1:]]),
+        ("frame_too_short", "buffer frame shorter than nbytes", "act.tensors[0]",
+         [frames[0], frames[1][:-1], frames[2]]),
+        ("absurd_shape", "shape [2**40, 2**40] claiming 16 bytes", "act.tensors[0].nbytes",
+         [msgpack.packb(act_with(tensors=tensor0(shape=[2**40, 2**40]))), *frames[1:]]),
+        ("huge_tensor", "consistent shape [2**30, 2**30] float32 (2**62 bytes) over max_tensor_bytes",
+         "act.tensors[0].nbytes", [msgpack.packb(act_with(tensors=tensor0(shape=[2**30, 2**30], nbytes=2**62))), *frames[1:]]),
+        ("too_many_dims", "9 dims (limit 8)", "act.tensors[0].shape",
+         [msgpack.packb(act_with(tensors=tensor0(shape=[1] * 9, nbytes=4))), *frames[1:]]),
+        ("negative_dim", "shape [-2, -2]", "act.tensors[0].shape[0]",
+         [msgpack.packb(act_with(tensors=tensor0(shape=[-2, -2]))), *frames[1:]]),
+        ("unsupported_dtype", "dtype complex64", "act.tensors[0].dtype",
+         [msgpack.packb(act_with(tensors=tensor0(dtype="complex64"))), *frames[1:]]),
+        ("labels_not_int64", "labels declared float32", "act.tensors[1].dtype",
+         [msgpack.packb(act_with(tensors=[act["tensors"][0], {**act["tensors"][1], "dtype": "float64"}])), *frames[1:]]),
+        ("wrong_tensor_name", "grad carrying a tensor named h", "grad.tensors",
+         _frames({"v": 1, "kind": "grad", "edge": "e", "seq": 1,
+                  "tensors": [{"name": "h", "dtype": "uint8", "shape": [1], "nbytes": 1}]}, b"\x00")),
+        ("bool_byte_2", "bool tensor holding byte 0x02", "act.tensors[0]",
+         _frames(act_with(tensors=[{"name": "h", "dtype": "bool", "shape": [2], "nbytes": 2}]), b"\x01\x02")),
+    ]
+
+
+def _json_values(tensor: torch.Tensor) -> object | None:
+    """Tensor values for human readers; None where JSON cannot hold them exactly (NaN, inf)."""
+    values = tensor.tolist()
+    flat = tensor.reshape(-1).double().tolist() if tensor.is_floating_point() else []
+    return None if any(not math.isfinite(v) for v in flat) else values
+
+
+def _valid_doc(name: str, description: str, msg: wire.Message) -> dict:
+    frames = [bytes(f) for f in wire.encode(msg)]
+    doc: dict = {"name": name, "description": description, "valid": True,
+                 "header": msgpack.unpackb(frames[0])}
+    tensors = {n: getattr(msg, n) for n in ("h", "labels", "dh") if getattr(msg, n, None) is not None}
+    values = {n: v for n, v in ((n, _json_values(t)) for n, t in tensors.items()) if v is not None}
+    if values:
+        doc["values"] = values
+    doc["frames"] = [f.hex() for f in frames]
+    return doc
+
+
+def build() -> dict[str, str]:
+    """Relative path -> file text of every vector."""
+    docs = {f"{name}.json": _valid_doc(name, text, msg) for name, text, msg in _valid()}
+    docs.update(
+        (f"invalid/{name}.json",
+         {"name": name, "description": text, "valid": False, "error": where, "frames": [f.hex() for f in frames]})
+        for name, text, where, frames in _invalid()
+    )
+    return {path: _dump(doc) for path, doc in docs.items()}
+
+
+def _dump(doc: dict) -> str:
+    """JSON with one top-level key per line: easy to read and to diff, still plain JSON."""
+    lines = (f"  {json.dumps(key)}: {json.dumps(value, ensure_ascii=False)}" for key, value in doc.items())
+    return "{\n" + ",\n".join(lines) + "\n}\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="compare with the files; write nothing")
+    check = parser.parse_args().check
+    wanted = build()
+    present = {str(p.relative_to(VECTORS)) for p in VECTORS.rglob("*.json")}
+    stale = sorted(p for p, text in wanted.items() if p not in present or (VECTORS / p).read_text(encoding="utf-8") != text)
+    extra = sorted(present - wanted.keys())
+    if check:
+        for path in stale + extra:
+            print(f"out of date: {path}", file=sys.stderr)
+        return 1 if stale or extra else 0
+    for path in stale:
+        (VECTORS / path).parent.mkdir(parents=True, exist_ok=True)
+        (VECTORS / path).write_text(wanted[path], encoding="utf-8")
+    for path in extra:
+        (VECTORS / path).unlink()
+    print(f"{len(wanted)} vectors: {len(stale)} written, {len(extra)} removed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
