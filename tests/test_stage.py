@@ -1,0 +1,249 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dni_mesh.stage import Stage, StageConfig
+from dni_mesh.synthetic import SyntheticGradientConfig, Synthesizer, make_optimizer
+
+torch.set_num_threads(1)
+ADAM = {"name": "adam", "lr": 0.01}
+
+
+def block(d_in: int, d_out: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(d_in, d_out), nn.BatchNorm1d(d_out), nn.ReLU())
+
+
+def make_stage(mode="dni", module=None, d_out=6, head=False, max_pending=64, bp_lambda=1.0,
+               optimizer=ADAM, hidden=0, seed=0) -> Stage:
+    torch.manual_seed(seed)
+    module = module if module is not None else block(4, d_out)
+    synthesizer = sg_optimizer = None
+    if not head and mode != "backprop":
+        config = SyntheticGradientConfig(hidden=hidden, width=8, conditioned=mode == "cdni")
+        synthesizer = Synthesizer((d_out,), 3, config)
+        sg_optimizer = make_optimizer(synthesizer.parameters(), ADAM)
+    return Stage("s", module, make_optimizer(module.parameters(), optimizer), synthesizer,
+                 sg_optimizer, StageConfig(mode=mode, bp_lambda=bp_lambda, max_pending=max_pending),
+                 head=head, num_classes=3)
+
+
+def batch(seed=1, n=8, d=4):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def params(stage: Stage) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in stage.module.parameters()]
+
+
+def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def vjp(module: nn.Module, x: torch.Tensor, grad_of_output) -> torch.Tensor:
+    """d/dx of module(x) applied to grad_of_output(h), by plain autograd."""
+    x = x.clone().requires_grad_(True)
+    h = module(x)
+    return torch.autograd.grad(h, x, grad_of_output(h.detach()))[0]
+
+
+@pytest.mark.parametrize("optimizer", [ADAM, {"name": "sgd", "lr": 0.1, "momentum": 0.9}])
+@pytest.mark.parametrize("mode", ["dni", "cdni"])
+def test_zero_initialised_synthesizer_gives_a_zero_first_update(mode, optimizer):
+    stage = make_stage(mode, optimizer=optimizer, hidden=1)
+    before = params(stage)
+    x, y = batch()
+    result = stage.forward(0, [x], y, [True])
+    assert same(before, params(stage))
+    assert torch.equal(result.input_grads[0], torch.zeros_like(x))
+    assert stage.stats.steps == 1 and result.output.shape == (8, 6)
+
+
+def train_chain(stages, steps):
+    """A few DNI chain steps so that every synthesizer predicts something."""
+    for seq in range(steps):
+        x, y = batch(seed=100 + seq)
+        sent = []
+        for i, stage in enumerate(stages):
+            r = stage.forward(seq, [x], y, [i > 0])
+            sent.append(r.input_grads[0] if i > 0 else None)
+            x = r.output
+        for i in range(len(stages) - 1):
+            stages[i].backward(seq, sent[i + 1])
+
+
+@pytest.mark.parametrize("mode", ["dni", "cdni"])
+def test_bootstrapped_chain_sends_upstream_the_gradient_its_synthesizer_implies(mode):
+    a = make_stage(mode, seed=1)
+    b = make_stage(mode, module=block(6, 6), seed=2)
+    head = make_stage(module=nn.Linear(6, 3), head=True, seed=3)
+    train_chain([a, b, head], steps=5)
+
+    x, y = batch(seed=7)
+    snap_a, snap_b, snap_head = (copy.deepcopy(s) for s in (a, b, head))
+    out_a = a.forward(9, [x], y, [False]).output
+    from_b = b.forward(9, [out_a], y, [True])
+    from_head = head.forward(9, [from_b.output], y, [True])
+
+    labels = y if mode == "cdni" else None
+    expected_b = vjp(snap_b.module, out_a, lambda h: snap_b.synthesizer(h, labels))
+    assert expected_b.abs().max() > 0
+    assert torch.allclose(from_b.input_grads[0], expected_b, rtol=0, atol=1e-7)
+    xh = from_b.output.clone().requires_grad_(True)
+    loss = F.cross_entropy(snap_head.module(xh), y)
+    expected_head = torch.autograd.grad(loss, xh)[0]
+    assert torch.allclose(from_head.input_grads[0], expected_head, rtol=0, atol=1e-7)
+    assert from_head.loss == pytest.approx(loss.item())
+
+    # a fits its synthesizer onto exactly what b sent: the regression loss says so
+    h_a = snap_a.module(x)
+    target_loss = F.mse_loss(snap_a.synthesizer(h_a.detach(), labels), from_b.input_grads[0])
+    fitted = a.backward(9, from_b.input_grads[0])
+    assert fitted.input_grads is None
+    assert fitted.sg_loss == pytest.approx(target_loss.item(), rel=1e-6)
+    assert a.stats.sg_fits == 6
+
+
+def test_backprop_waits_for_the_gradient_and_returns_the_true_input_gradient():
+    stage = make_stage("backprop")
+    x, y = batch()
+    before, snapshot = params(stage), copy.deepcopy(stage.module)
+    result = stage.forward(0, [x], y, [True])
+    assert result.input_grads is None and same(before, params(stage))
+    grad = torch.randn(8, 6)
+    back = stage.backward(0, grad)
+    assert not same(before, params(stage))
+    assert torch.allclose(back.input_grads[0], vjp(snapshot, x, lambda h: grad), atol=1e-7)
+    assert back.sg_loss is None and stage.stats.steps == 1
+
+
+def test_bp_lambda_one_is_exactly_backprop():
+    locked, mixed = make_stage("backprop"), make_stage("bp_lambda", bp_lambda=1.0)
+    for seq in range(3):
+        x, y = batch(seed=seq)
+        grad = torch.randn(8, 6, generator=torch.Generator().manual_seed(50 + seq))
+        locked.forward(seq, [x], y, [True])
+        mixed.forward(seq, [x], y, [True])
+        a, b = locked.backward(seq, grad), mixed.backward(seq, grad)
+        assert torch.equal(a.input_grads[0], b.input_grads[0])
+        assert b.sg_loss is not None
+    assert same(params(locked), params(mixed))
+    assert mixed.stats.sg_fits == 3
+
+
+def test_bp_lambda_mixes_true_and_synthetic_gradient():
+    lam = 0.3
+    stage = make_stage("bp_lambda", bp_lambda=lam)
+    for seq in range(3):  # train the synthesizer away from zero
+        x, y = batch(seed=seq)
+        stage.forward(seq, [x], y, [True])
+        stage.backward(seq, torch.ones(8, 6))
+    x, y = batch(seed=9)
+    grad = torch.randn(8, 6)
+    module, synthesizer = copy.deepcopy(stage.module), copy.deepcopy(stage.synthesizer)
+    stage.forward(9, [x], y, [True])
+    back = stage.backward(9, grad)
+
+    def mixture(h):
+        synthetic = synthesizer(h)
+        assert synthetic.abs().max() > 0
+        return lam * grad + (1 - lam) * synthetic
+    assert torch.allclose(back.input_grads[0], vjp(module, x, mixture), atol=1e-7)
+
+
+def test_stale_and_unknown_seq_are_counted_not_raised():
+    for mode in ("dni", "backprop", "bp_lambda"):
+        stage = make_stage(mode)
+        assert stage.backward(5, torch.zeros(8, 6)).input_grads is None
+        x, y = batch()
+        stage.forward(0, [x], y, [True])
+        stage.backward(0, torch.zeros(8, 6))
+        stage.backward(0, torch.zeros(8, 6))
+        stage.backward(3, torch.zeros(8, 6))
+        assert (stage.stats.stale, stage.stats.unknown) == (1, 2), mode
+
+
+def test_full_pending_table_evicts_the_oldest():
+    stage = make_stage("dni", max_pending=2)
+    for seq in range(3):
+        x, y = batch(seed=seq)
+        stage.forward(seq, [x], y, [True])
+    assert list(stage.pending) == [1, 2] and stage.stats.evicted == 1
+    assert stage.backward(0, torch.zeros(8, 6)).sg_loss is None
+    assert stage.stats.stale == 1
+    assert stage.backward(2, torch.zeros(8, 6)).sg_loss is not None
+
+
+@pytest.mark.parametrize("mode", ["dni", "backprop", "bp_lambda"])
+def test_evaluation_changes_nothing(mode):
+    stage = make_stage(mode)
+    train_chain([stage, make_stage(module=nn.Linear(6, 3), head=True)], steps=2)
+    state = copy.deepcopy(stage.module.state_dict())
+    sg_state = copy.deepcopy(stage.synthesizer.state_dict()) if stage.synthesizer else None
+    x, y = batch(seed=11)
+    result = stage.forward(20, [x], y, train=False)
+    assert all(torch.equal(v, stage.module.state_dict()[k]) for k, v in state.items())
+    if sg_state:
+        assert all(torch.equal(v, stage.synthesizer.state_dict()[k]) for k, v in sg_state.items())
+    assert not stage.pending and result.input_grads is None
+    assert torch.equal(result.output, stage.module.eval()(x))
+
+
+def test_head_trains_on_the_loss_and_evaluates_without_update():
+    head = make_stage(module=nn.Linear(4, 3), head=True)
+    x, y = batch()
+    snapshot = copy.deepcopy(head.module)
+    evaluated = head.forward(0, [x], y, train=False)
+    loss = F.cross_entropy(snapshot(x), y)
+    assert evaluated.loss == pytest.approx(loss.item())
+    assert evaluated.correct == int((snapshot(x).argmax(1) == y).sum())
+    assert same(list(snapshot.parameters()), params(head))
+    trained = head.forward(1, [x], y, [True])
+    assert trained.output is None and trained.loss == pytest.approx(loss.item())
+    assert not same(list(snapshot.parameters()), params(head)) and head.stats.steps == 1
+
+
+class Sum(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.left, self.right = nn.Linear(4, 6), nn.Linear(2, 6)
+
+    def forward(self, a, b):
+        return self.left(a) + self.right(b)
+
+
+def test_fan_in_calls_module_with_every_input_in_order():
+    stage = make_stage("backprop", module=Sum())
+    left = stage.module.left.weight.detach().clone()
+    a, b = torch.randn(8, 4), torch.randn(8, 2)
+    stage.forward(0, [a, b], None, [True, False])
+    back = stage.backward(0, torch.ones(8, 6))
+    assert back.input_grads[1] is None
+    assert torch.allclose(back.input_grads[0], torch.ones(8, 6) @ left, atol=1e-6)
+
+
+def test_modes_and_synthesizers_must_agree():
+    with pytest.raises(ValueError, match="conditioned"):
+        module = block(4, 6)
+        synthesizer = Synthesizer((6,), 3, SyntheticGradientConfig())
+        Stage("s", module, make_optimizer(module.parameters(), ADAM), synthesizer,
+              make_optimizer(synthesizer.parameters(), ADAM), StageConfig(mode="cdni"))
+    with pytest.raises(ValueError, match="needs a synthesizer"):
+        module = block(4, 6)
+        Stage("s", module, make_optimizer(module.parameters(), ADAM), None, None, StageConfig())
+    with pytest.raises(ValueError, match="mode"):
+        make_stage("sideways")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_stage_runs_on_cuda_and_returns_tensors_there():
+    stage = make_stage("dni")
+    stage = Stage("s", stage.module, stage.optimizer, stage.synthesizer, stage.sg_optimizer,
+                  stage.config, device="cuda")
+    x, y = batch()
+    result = stage.forward(0, [x], y, [True])
+    assert result.output.is_cuda and result.input_grads[0].is_cuda
+    assert stage.backward(0, torch.zeros(8, 6)).sg_loss is not None
