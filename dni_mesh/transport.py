@@ -1,0 +1,308 @@
+"""ZeroMQ transport: one inbox per process, one peer per process it sends to.
+
+Every process binds ONE `Inbox` (a ROUTER socket). To send to another process it connects ONE
+`Peer` (a DEALER socket whose ROUTING_ID is the sender's name) to that process's inbox. ROUTER/DEALER
+rather than PUSH/PULL because the inbox then learns who sent each message from the transport, not
+from the message; it keeps one bounded queue per sender (one flooding peer cannot starve the rest);
+and the same connection carries the end-of-stream acknowledgement back.
+
+Messages are `wire.encode` frames. Tensor frames go out zero-copy (pyzmq still copies frames under
+64 KiB) and come in as views of the received ZeroMQ frames. A frame that `wire.decode` rejects is
+logged, counted and dropped: a bad peer can never raise inside the receiving node.
+
+Share one `zmq.Context` per process: create it in `main` and pass it to every Inbox and Peer (one
+I/O thread moves a few GB/s). Without one, each socket gets a private context that `close` ends.
+Sockets are not thread-safe: use each Inbox and Peer from one thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import socket
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import zmq
+
+from dni_mesh import wire
+
+log = logging.getLogger(__name__)
+
+BLOCK = "block"
+DROP = "drop"
+
+
+def _default_policy() -> dict[str, str]:
+    return {"act": BLOCK, "grad": DROP}
+
+
+@dataclass
+class TransportConfig:
+    """Every socket knob in one place, each with the reason for its default."""
+
+    sndhwm: int = 8
+    """Messages queued per outgoing connection. High-water marks count messages, not bytes, so
+    they must be small when a message can be a large tensor: 8 bounds memory yet keeps the pipe full."""
+    rcvhwm: int = 8
+    """Messages queued per sender on the inbox (a ROUTER keeps one queue per connected peer)."""
+    linger_ms: int = 2000
+    """How long `close` may still flush queued messages. libzmq's default is forever, which makes a
+    close hang when the peer is dead."""
+    max_msg_bytes: int = wire.DEFAULT_LIMITS.max_tensor_bytes
+    """ZMQ MAXMSGSIZE on receiving sockets. libzmq checks it per frame before allocating and drops
+    the connection of a peer that exceeds it; the default is the largest tensor `limits` allows."""
+    limits: wire.Limits = wire.DEFAULT_LIMITS
+    """Bounds `wire.decode` enforces on every received message."""
+    heartbeat_ivl_ms: int = 1000
+    """ZMTP PING interval, so that a vanished peer (no FIN, e.g. a dead host) is noticed."""
+    heartbeat_timeout_ms: int = 5000
+    """Drop a connection that has sent nothing for this long. A single frame that takes longer to
+    arrive (a huge tensor on a slow link) also trips it: raise it for such links. ZMTP liveness is
+    answered by libzmq's I/O thread even when Python is hung: nodes need application heartbeats too."""
+    heartbeat_ttl_ms: int = 5000
+    """Tells the remote side to drop us after this long without traffic."""
+    handshake_ivl_ms: int = 5000
+    """Give up a ZMTP handshake after this long (libzmq's 30 s lets a stuck connect linger)."""
+    policy: dict[str, str] = field(default_factory=_default_policy)
+    """What `Peer.send` does when the receiver is full, per message kind (`wire` KIND); kinds not
+    listed block. "act" blocks: that is backpressure, a dropped activation would lose a batch.
+    "grad" drops: a lost gradient only costs one synthetic-gradient regression target, and a
+    downstream node that blocked on its upstream while the upstream blocked on it would deadlock.
+    A locked ("backprop") mesh, which waits for every gradient, sets "grad": "block"."""
+    block_timeout_ms: int | None = 60_000
+    """How long "block" waits for room before raising PeerTimeout; None waits forever."""
+    poll_slice_ms: int = 100
+    """Longest single wait inside libzmq, so that signals (Ctrl-C) are handled while blocked."""
+
+    def __post_init__(self) -> None:
+        bad = {kind: how for kind, how in self.policy.items() if how not in (BLOCK, DROP)}
+        if bad:
+            raise ValueError(f"TransportConfig.policy: {bad} must be {BLOCK!r} or {DROP!r}")
+
+
+class TransportError(RuntimeError):
+    """A socket could not be set up or used as asked."""
+
+
+class PeerTimeout(TransportError):
+    """A "block" send found no room for block_timeout_ms: the receiver is slow or gone."""
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """A received message and the name (routing id) of the peer that sent it."""
+
+    peer: str
+    message: wire.Message
+
+
+def free_tcp_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago, for configs that must name ports up front.
+
+    Another process may take it before it is bound: an Inbox bound to port 0 has no such race.
+    """
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def _deadline(timeout_ms: int | None) -> float | None:
+    return None if timeout_ms is None else time.monotonic() + timeout_ms / 1000
+
+
+def _wait(poller: zmq.Poller, deadline: float | None, slice_ms: int) -> bool:
+    """Poll until the socket is ready (True) or the deadline passes (False), in slices."""
+    while True:
+        wait_ms = slice_ms
+        if deadline is not None:
+            wait_ms = min(wait_ms, math.ceil((deadline - time.monotonic()) * 1000))
+            if wait_ms <= 0:
+                return False
+        if poller.poll(wait_ms):
+            return True
+
+
+class _Endpoint:
+    """A socket with the config's options applied and a close that never hangs."""
+
+    def __init__(self, kind: int, config: TransportConfig | None, context: zmq.Context | None):
+        self.config = config or TransportConfig()
+        self._own_context = context is None
+        self._context = zmq.Context() if context is None else context
+        sock = self._context.socket(kind)
+        for option, value in (
+            (zmq.SNDHWM, self.config.sndhwm),
+            (zmq.RCVHWM, self.config.rcvhwm),
+            (zmq.LINGER, self.config.linger_ms),
+            (zmq.MAXMSGSIZE, self.config.max_msg_bytes),
+            (zmq.HEARTBEAT_IVL, self.config.heartbeat_ivl_ms),
+            (zmq.HEARTBEAT_TIMEOUT, self.config.heartbeat_timeout_ms),
+            (zmq.HEARTBEAT_TTL, self.config.heartbeat_ttl_ms),
+            (zmq.HANDSHAKE_IVL, self.config.handshake_ivl_ms),
+        ):
+            sock.setsockopt(option, value)
+        self._socket = sock
+
+    def _fail(self, what: str, error: zmq.ZMQError) -> TransportError:
+        self.close()
+        return TransportError(f"{what}: {error}")
+
+    def close(self) -> None:
+        """Close within linger_ms, dropping what the peer has not taken by then."""
+        if not self._socket.closed:
+            self._socket.close(linger=self.config.linger_ms)
+            if self._own_context:
+                self._context.term()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class Inbox(_Endpoint):
+    """The one socket a process receives on (ROUTER), bound to `address`.
+
+    "tcp://127.0.0.1:0" binds a free port; `address` then holds the real endpoint to hand out.
+    """
+
+    def __init__(self, address: str, name: str, config: TransportConfig | None = None,
+                 context: zmq.Context | None = None):
+        super().__init__(zmq.ROUTER, config, context)
+        self.name = name
+        # Mandatory: an EndAck to a peer that is gone raises here instead of vanishing silently.
+        self._socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # Handover: a restarted peer with the same name takes over instead of being ignored.
+        self._socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        try:
+            self._socket.bind(address)
+        except zmq.ZMQError as error:
+            raise self._fail(f"inbox {name!r} cannot bind {address}", error) from error
+        self.address: str = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._poller = zmq.Poller()
+        self._poller.register(self._socket, zmq.POLLIN)
+        self.bad_by_peer: Counter[str] = Counter()
+
+    @property
+    def bad_messages(self) -> int:
+        """Messages dropped because they failed to decode, from all peers."""
+        return sum(self.bad_by_peer.values())
+
+    def recv(self, timeout_ms: int | None = None) -> Envelope | None:
+        """The next good message, or None after timeout_ms (None: wait as long as it takes).
+
+        Taking an End out of the inbox answers it with EndAck: every earlier message of that peer
+        has then been handed to the application.
+        """
+        deadline = _deadline(timeout_ms)
+        while True:
+            try:
+                frames = self._socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                if not _wait(self._poller, deadline, self.config.poll_slice_ms):
+                    return None
+                continue
+            envelope = self._open(frames)
+            if envelope is not None:
+                return envelope
+
+    def _open(self, frames: list[zmq.Frame]) -> Envelope | None:
+        routing_id = frames[0].bytes
+        peer = routing_id.decode("utf-8", "backslashreplace")
+        try:
+            message = wire.decode([frame.buffer for frame in frames[1:]], self.config.limits)
+        except wire.WireError as error:
+            self.bad_by_peer[peer] += 1
+            count = self.bad_by_peer[peer]
+            if count <= 10 or count % 1000 == 0:  # a flooding peer must not flood the log
+                log.warning("inbox %s: dropped bad message #%d from peer %r: %s", self.name, count, peer, error)
+            return None
+        if isinstance(message, wire.End):
+            self._acknowledge(routing_id, message)
+        return Envelope(peer, message)
+
+    def _acknowledge(self, routing_id: bytes, end: wire.End) -> None:
+        try:
+            self._socket.send_multipart([routing_id, *wire.encode(wire.EndAck(end.edge, end.seq))], zmq.NOBLOCK)
+        except zmq.ZMQError as error:  # peer gone (EHOSTUNREACH) or not reading (EAGAIN)
+            log.warning("inbox %s: cannot acknowledge end of %r to %r: %s", self.name, end.edge, routing_id, error)
+
+
+class Peer(_Endpoint):
+    """A connection to another process's inbox (DEALER, routing id = this process's `name`).
+
+    Connecting never waits: messages queue (up to sndhwm) until the inbox is reachable.
+    """
+
+    def __init__(self, address: str, name: str, config: TransportConfig | None = None,
+                 context: zmq.Context | None = None):
+        routing_id = name.encode()
+        if not 0 < len(routing_id) <= 255:
+            raise ValueError(f"peer name must be 1 to 255 bytes of UTF-8, got {name!r}")
+        super().__init__(zmq.DEALER, config, context)
+        self.address = address
+        self.name = name
+        self._socket.setsockopt(zmq.ROUTING_ID, routing_id)
+        try:
+            self._socket.connect(address)
+        except zmq.ZMQError as error:
+            raise self._fail(f"peer {name!r} cannot connect to {address}", error) from error
+        self._room = zmq.Poller()
+        self._room.register(self._socket, zmq.POLLOUT)
+        self._replies = zmq.Poller()
+        self._replies.register(self._socket, zmq.POLLIN)
+        self.dropped_by_kind: Counter[str] = Counter()
+
+    @property
+    def dropped(self) -> int:
+        """Messages the "drop" policy discarded, of all kinds."""
+        return sum(self.dropped_by_kind.values())
+
+    def send(self, msg: wire.Message) -> bool:
+        """Queue `msg`; False when the "drop" policy discarded it because the receiver is full.
+
+        Raises PeerTimeout when a "block" kind found no room within block_timeout_ms. Tensors of
+        64 KiB and more are sent without a copy: do not modify them in place after sending.
+        """
+        frames = wire.encode(msg)
+        if self.config.policy.get(msg.KIND, BLOCK) == DROP:
+            try:
+                self._socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                self.dropped_by_kind[msg.KIND] += 1
+                return False
+            return True
+        self._send_waiting(frames, _deadline(self.config.block_timeout_ms), msg.KIND)
+        return True
+
+    def _send_waiting(self, frames: list[bytes | memoryview], deadline: float | None, kind: str) -> None:
+        while True:
+            try:
+                self._socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                return
+            except zmq.Again:  # multipart sends are atomic: nothing was queued
+                if not _wait(self._room, deadline, self.config.poll_slice_ms):
+                    raise PeerTimeout(f"peer {self.name!r} -> {self.address}: no room for {kind!r} "
+                                      "before the timeout (receiver slow or gone)") from None
+
+    def end(self, edge: str, seq: int, timeout_ms: int = 10_000) -> bool:
+        """Send End(edge, seq) and wait for its EndAck: True once the receiving application has
+        taken every message sent before it; False when no ack came within timeout_ms."""
+        deadline = _deadline(timeout_ms)
+        try:
+            self._send_waiting(wire.encode(wire.End(edge, seq)), deadline, "end")
+        except PeerTimeout:
+            return False
+        while _wait(self._replies, deadline, self.config.poll_slice_ms):
+            frames = self._socket.recv_multipart(copy=False)
+            try:
+                reply = wire.decode([frame.buffer for frame in frames], self.config.limits)
+            except wire.WireError as error:
+                log.warning("peer %s: bad reply from %s: %s", self.name, self.address, error)
+                continue
+            if isinstance(reply, wire.EndAck) and (reply.edge, reply.seq) == (edge, seq):
+                return True
+        return False

@@ -1,0 +1,202 @@
+"""Transport tests on real sockets: loopback tcp and ipc, real processes, no sleeps.
+
+Every wait has a timeout, so a hang fails the test instead of stalling the suite.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from collections.abc import Callable, Iterator
+from multiprocessing.connection import Connection
+
+import msgpack
+import pytest
+import torch
+import zmq
+
+from dni_mesh import wire
+from dni_mesh.transport import Inbox, Peer, PeerTimeout, TransportConfig, TransportError, free_tcp_port
+
+WAIT_MS = 20_000  # generous: the machine running the suite may be loaded
+MEGABYTE = torch.zeros(1 << 18)  # 1 MiB of float32: enough to fill hwm queues and kernel buffers
+
+
+@pytest.fixture
+def context() -> Iterator[zmq.Context]:
+    ctx = zmq.Context()
+    yield ctx
+    ctx.destroy(linger=0)
+
+
+def _act(seq: int) -> wire.Activation:
+    return wire.Activation("a->b", seq, torch.full((4,), float(seq)), torch.tensor([seq % 10]))
+
+
+def _sender(conn: Connection, count: int) -> None:
+    """Child process: send `count` activations to the address it is given, then end the stream."""
+    if not conn.poll(WAIT_MS / 1000):
+        raise SystemExit("no address from the test")
+    with Peer(conn.recv(), "sender") as peer:
+        for seq in range(count):
+            peer.send(_act(seq))
+        if not peer.end("a->b", count, timeout_ms=WAIT_MS):
+            raise SystemExit("end of stream was not acknowledged")
+
+
+@pytest.mark.parametrize("scheme,count", [("tcp", 10_000), ("ipc", 1_000)])
+def test_stream_between_processes_arrives_complete_in_order(tmp_path, scheme: str, count: int) -> None:
+    address = "tcp://127.0.0.1:0" if scheme == "tcp" else f"ipc://{tmp_path}/inbox"
+    spawn = multiprocessing.get_context("spawn")
+    ours, theirs = spawn.Pipe()
+    child = spawn.Process(target=_sender, args=(theirs, count))
+    child.start()
+    try:
+        with Inbox(address, "receiver") as inbox:
+            ours.send(inbox.address)
+            for seq in range(count):
+                got = inbox.recv(timeout_ms=WAIT_MS)
+                assert got is not None, f"message {seq} did not arrive"
+                assert got.peer == "sender"
+                assert isinstance(got.message, wire.Activation) and got.message.seq == seq
+                assert got.message.h[0].item() == seq and got.message.labels.item() == seq % 10
+            end = inbox.recv(timeout_ms=WAIT_MS)
+            assert end is not None and end.message == wire.End("a->b", count)
+            child.join(WAIT_MS / 1000)
+            assert child.exitcode == 0
+            assert inbox.bad_messages == 0
+    finally:
+        child.kill()
+
+
+def test_bad_frames_from_one_peer_do_not_disturb_another(context: zmq.Context) -> None:
+    with Inbox("tcp://127.0.0.1:0", "receiver", context=context) as inbox, \
+            Peer(inbox.address, "good", context=context) as good:
+        junk = context.socket(zmq.DEALER)
+        junk.setsockopt(zmq.ROUTING_ID, b"junk")
+        junk.setsockopt(zmq.LINGER, 0)
+        junk.connect(inbox.address)
+        header, buffer = wire.encode(wire.Activation("junk", 0, torch.ones(4)))
+        huge = msgpack.unpackb(header)
+        huge["tensors"][0].update(shape=[1 << 20, 1 << 20], nbytes=(1 << 40) * 4)
+        bad_frames = [
+            [b"\xc1 is never valid msgpack"],
+            [b""],
+            [msgpack.packb([1, 2, 3])],
+            [msgpack.packb({"v": 99, "kind": "act"})],
+            [header],  # a tensor frame missing
+            [header, buffer, b"extra"],
+            [header, bytes(buffer)[:-1]],  # short tensor frame
+            [msgpack.packb(huge), buffer],  # claims a 4 TiB tensor
+            [header] + [buffer] * 100,
+        ]
+        for i, frames in enumerate(bad_frames):
+            junk.send_multipart(frames)
+            good.send(_act(i))
+        junk.send_multipart(wire.encode(wire.End("junk", 0)))  # a good message after the junk
+        received = []
+        while len(received) < len(bad_frames) + 1:
+            got = inbox.recv(timeout_ms=WAIT_MS)
+            assert got is not None
+            received.append((got.peer, got.message.seq))
+        assert [seq for peer, seq in received if peer == "good"] == list(range(len(bad_frames)))
+        assert ("junk", 0) in received
+        assert inbox.bad_by_peer == {"junk": len(bad_frames)}
+        assert inbox.bad_messages == len(bad_frames)
+        junk.close()
+
+
+def _small_queues(**changes: object) -> TransportConfig:
+    return TransportConfig(sndhwm=1, rcvhwm=1, linger_ms=0, **changes)
+
+
+def _fill(peer: Peer, message: wire.Message) -> int:
+    """Send `message` until the receiver has no room; return how many sends were accepted."""
+    for accepted in range(500):
+        if not peer.send(message):
+            return accepted
+    raise AssertionError("the receiver never filled up")
+
+
+def test_drop_policy_counts_drops_while_the_receiver_does_not_read(context: zmq.Context) -> None:
+    config = _small_queues()
+    with Inbox("tcp://127.0.0.1:0", "receiver", config, context) as inbox, \
+            Peer(inbox.address, "sender", config, context) as peer:
+        accepted = _fill(peer, wire.Gradient("a->b", 0, MEGABYTE))
+        assert peer.dropped_by_kind == {"grad": 1} and peer.dropped == 1
+        for _ in range(accepted):  # what was accepted still arrives whole
+            got = inbox.recv(timeout_ms=WAIT_MS)
+            assert got is not None and torch.equal(got.message.dh, MEGABYTE)
+
+
+def test_block_policy_raises_peer_timeout_after_its_timeout(context: zmq.Context) -> None:
+    config = _small_queues(block_timeout_ms=300)
+    with Inbox("tcp://127.0.0.1:0", "receiver", config, context) as inbox, \
+            Peer(inbox.address, "sender", config, context) as peer:
+        message = wire.Activation("a->b", 0, MEGABYTE)
+        with pytest.raises(PeerTimeout, match="no room for 'act'"):
+            for _ in range(500):
+                started = time.monotonic()
+                peer.send(message)
+        assert 0.29 <= time.monotonic() - started < 10
+        assert peer.dropped == 0
+        assert inbox.recv(timeout_ms=WAIT_MS) is not None
+
+
+def test_end_and_close_return_in_time_when_the_peer_is_gone(context: zmq.Context) -> None:
+    config = TransportConfig(linger_ms=200, block_timeout_ms=1000)
+    inbox = Inbox("tcp://127.0.0.1:0", "receiver", config, context)
+    peer = Peer(inbox.address, "sender", config)  # own context: close must also end it in time
+    peer.send(_act(0))
+    assert inbox.recv(timeout_ms=WAIT_MS) is not None
+    inbox.close()
+    for seq in range(1, 4):  # queued towards a dead peer
+        peer.send(_act(seq))
+    started = time.monotonic()
+    assert peer.end("a->b", 4, timeout_ms=300) is False
+    assert 0.29 <= time.monotonic() - started < 10
+    started = time.monotonic()
+    peer.close()
+    assert time.monotonic() - started < 5
+
+
+def test_end_is_acknowledged_only_when_the_application_takes_it(context: zmq.Context) -> None:
+    with Inbox("tcp://127.0.0.1:0", "receiver", context=context) as inbox, \
+            Peer(inbox.address, "sender", context=context) as peer:
+        assert peer.end("a->b", 0, timeout_ms=200) is False  # queued, never taken out
+        got = inbox.recv(timeout_ms=WAIT_MS)
+        assert got is not None and got.message == wire.End("a->b", 0)
+        assert peer.end("a->b", 0, timeout_ms=WAIT_MS) is True  # a retry is answered
+        assert inbox.recv(timeout_ms=WAIT_MS).message == wire.End("a->b", 0)
+
+
+def test_max_msg_size_cuts_off_an_oversize_sender_only(context: zmq.Context) -> None:
+    config = TransportConfig(max_msg_bytes=64 << 10, linger_ms=0)
+    with Inbox("tcp://127.0.0.1:0", "receiver", config, context) as inbox, \
+            Peer(inbox.address, "big", config, context) as big, \
+            Peer(inbox.address, "small", config, context) as small:
+        big.send(wire.Activation("big->r", 0, MEGABYTE))
+        small.send(_act(0))
+        small.send(_act(1))
+        for seq in (0, 1):
+            got = inbox.recv(timeout_ms=WAIT_MS)
+            assert got is not None and (got.peer, got.message.seq) == ("small", seq)
+        assert inbox.recv(timeout_ms=200) is None
+
+
+@pytest.mark.parametrize("make", [
+    lambda: TransportConfig(policy={"act": "sometimes"}),
+    lambda: Peer("tcp://127.0.0.1:1", ""),
+])
+def test_bad_arguments_are_refused(make: Callable[[], object]) -> None:
+    with pytest.raises(ValueError):
+        make()
+
+
+def test_inbox_reports_its_bound_address_and_times_out(context: zmq.Context) -> None:
+    port = free_tcp_port()
+    with Inbox(f"tcp://127.0.0.1:{port}", "receiver", context=context) as inbox:
+        assert inbox.address == f"tcp://127.0.0.1:{port}"
+        assert inbox.recv(timeout_ms=0) is None
+        with pytest.raises(TransportError, match="cannot bind"):
+            Inbox(inbox.address, "twin", context=context)
