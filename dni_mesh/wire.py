@@ -372,6 +372,10 @@ def _check_descriptor(desc: object, frame: memoryview, where: str, limits: Limit
         raise WireError(f"{where}.nbytes: {nbytes} != prod({shape}) * {dtype.itemsize} = {expected}")
     if nbytes > limits.max_tensor_bytes:
         raise WireError(f"{where}.nbytes: {nbytes} exceeds the limit of {limits.max_tensor_bytes}")
+    # An empty tensor still gets strides from its other dims: bound them too (0 counts as 1).
+    extent = math.prod(max(size, 1) for size in shape) * dtype.itemsize
+    if extent > limits.max_tensor_bytes:
+        raise WireError(f"{where}.shape: {shape} spans {extent} bytes (zeros as 1), over {limits.max_tensor_bytes}")
     if frame.nbytes != nbytes:
         raise WireError(f"{where}: frame has {frame.nbytes} bytes, header says {nbytes}")
     if dtype == torch.bool and nbytes and np.frombuffer(frame, dtype=np.uint8).max() > 1:
