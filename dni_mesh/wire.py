@@ -105,7 +105,7 @@ def _values(value: object) -> str | None:
         if type(item) is int and -_INT64_MAX - 1 <= item <= _INT64_MAX:
             continue
         if type(item) not in (float, str):
-            return f"[{key!r}] must be an int64, float or string, got {_show(item)}"
+            return f"[{_clip(key)}] must be an int64, float or string, got {_show(item)}"
     return None
 
 
