@@ -45,15 +45,19 @@ def _valid() -> list[tuple[str, str, wire.Message]]:
         ("act_float16", "act with a float16 h", wire.Activation("e", 0, grid.half())),
         ("act_int64", "act with an int64 h (e.g. token ids)",
          wire.Activation("e", 1, torch.tensor([[-1, 2**40], [0, 2**62]], dtype=torch.int64))),
-        ("act_int32", "act with an int32 h", wire.Activation("e", 2, torch.tensor([-2**31, 0, 2**31 - 1], dtype=torch.int32))),
-        ("act_uint8", "act with a uint8 h (e.g. raw pixels)", wire.Activation("e", 3, torch.tensor([[0, 127], [128, 255]], dtype=torch.uint8))),
-        ("act_bool", "act with a bool h (one byte each, 0 or 1)", wire.Activation("e", 4, torch.tensor([True, False, True]))),
+        ("act_int32", "act with an int32 h",
+         wire.Activation("e", 2, torch.tensor([-2**31, 0, 2**31 - 1], dtype=torch.int32))),
+        ("act_uint8", "act with a uint8 h (e.g. raw pixels)",
+         wire.Activation("e", 3, torch.tensor([[0, 127], [128, 255]], dtype=torch.uint8))),
+        ("act_bool", "act with a bool h (one byte each, 0 or 1)",
+         wire.Activation("e", 4, torch.tensor([True, False, True]))),
         ("act_empty", "act with an empty h of shape [0, 4]: zero-length buffer frame",
          wire.Activation("e", 5, torch.zeros(0, 4))),
         ("act_scalar", "act with a 0-d h: shape [], one element", wire.Activation("e", 6, torch.tensor(1.5))),
         ("grad_bfloat16", "grad with bfloat16 dh: 1, -2, +inf, -inf, quiet NaN, NaN with payload 0x25, "
          "all-ones NaN, -0, smallest subnormal (raw words)",
-         wire.Gradient("l2->head", 7, _bf16_words(0x3F80, 0xC000, 0x7F80, 0xFF80, 0x7FC0, 0x7FA5, 0xFFFF, 0x8000, 0x0001))),
+         wire.Gradient("l2->head", 7,
+                       _bf16_words(0x3F80, 0xC000, 0x7F80, 0xFF80, 0x7FC0, 0x7FA5, 0xFFFF, 0x8000, 0x0001))),
         ("grad_float32", "grad with a float32 dh", wire.Gradient("l1->l2", 7, grid / 8)),
         ("grad_credit", "grad without dh: a credit only", wire.Gradient("l1->l2", 9)),
         ("hello", "hello from a node to the launcher",
@@ -75,22 +79,27 @@ def _frames(header: dict, *buffers: bytes) -> list[bytes]:
 
 def _invalid() -> list[tuple[str, str, str, list[bytes]]]:
     """(name, description, field path the error names, frames) of vectors a receiver must drop."""
-    h = wire.Activation("e", 1, torch.zeros(2, 2), torch.tensor([1, 0]))
-    frames = [bytes(f) for f in wire.encode(h)]
+    frames = [bytes(f) for f in wire.encode(wire.Activation("e", 1, torch.zeros(2, 2), torch.tensor([1, 0])))]
     act = msgpack.unpackb(frames[0])
+    h, labels = act["tensors"]
     end = {"v": 1, "kind": "end", "edge": "e", "seq": 3, "tensors": []}
 
-    def act_with(**changes: object) -> dict:
-        return {**act, **changes}
+    def act_frames(**changes: object) -> list[bytes]:
+        """The act above with header fields replaced, buffers unchanged."""
+        return _frames({**act, **changes}, *frames[1:])
 
-    def tensor0(**changes: object) -> list:
-        return [{**act["tensors"][0], **changes}, act["tensors"][1]]
+    def h_frames(**changes: object) -> list[bytes]:
+        """The act above with h's descriptor changed."""
+        return act_frames(tensors=[{**h, **changes}, labels])
 
+    bool_h = {"name": "h", "dtype": "bool", "shape": [2], "nbytes": 2}
+    grad_h = {"v": 1, "kind": "grad", "edge": "e", "seq": 1,
+              "tensors": [{"name": "h", "dtype": "uint8", "shape": [1], "nbytes": 1}]}
     return [
         ("not_msgpack", "header frame is not msgpack", "header", [b"\xc1"]),
         ("header_not_map", "header is a msgpack array", "header", _frames([1, "end"])),
         ("header_too_big", "header frame over max_header_bytes (65536)", "header",
-         [msgpack.packb({**end, "edge": "x" * 70000})]),
+         _frames({**end, "edge": "x" * 70000})),
         ("unknown_version", "v = 2", "header.v", _frames({**end, "v": 2})),
         ("version_as_string", "v = \"1\"", "header.v", _frames({**end, "v": "1"})),
         ("unknown_kind", "kind = checkpoint", "header.kind", _frames({**end, "kind": "checkpoint"})),
@@ -100,30 +109,24 @@ def _invalid() -> list[tuple[str, str, str, list[bytes]]]:
         ("negative_seq", "seq = -1", "end.seq", _frames({**end, "seq": -1})),
         ("float_time", "heartbeat time sent as an integer", "heartbeat.time",
          _frames({"v": 1, "kind": "heartbeat", "node": "n", "step": 1, "time": 5, "tensors": []})),
-        ("bad_phase", "phase = test", "act.phase", [msgpack.packb(act_with(phase="test")), *frames[1:]]),
+        ("bad_phase", "phase = test", "act.phase", act_frames(phase="test")),
         ("extra_frame", "one more buffer frame than tensors", "frames", [*frames, b""]),
         ("missing_frame", "labels frame missing", "frames", frames[:2]),
-        ("nbytes_mismatch", "nbytes != prod(shape) * itemsize", "act.tensors[0].nbytes",
-         [msgpack.packb(act_with(tensors=tensor0(nbytes=12))), *frames[1:]]),
+        ("nbytes_mismatch", "nbytes != prod(shape) * itemsize", "act.tensors[0].nbytes", h_frames(nbytes=12)),
         ("frame_too_short", "buffer frame shorter than nbytes", "act.tensors[0]",
          [frames[0], frames[1][:-1], frames[2]]),
         ("absurd_shape", "shape [2**40, 2**40] claiming 16 bytes", "act.tensors[0].nbytes",
-         [msgpack.packb(act_with(tensors=tensor0(shape=[2**40, 2**40]))), *frames[1:]]),
+         h_frames(shape=[2**40, 2**40])),
         ("huge_tensor", "consistent shape [2**30, 2**30] float32 (2**62 bytes) over max_tensor_bytes",
-         "act.tensors[0].nbytes", [msgpack.packb(act_with(tensors=tensor0(shape=[2**30, 2**30], nbytes=2**62))), *frames[1:]]),
-        ("too_many_dims", "9 dims (limit 8)", "act.tensors[0].shape",
-         [msgpack.packb(act_with(tensors=tensor0(shape=[1] * 9, nbytes=4))), *frames[1:]]),
-        ("negative_dim", "shape [-2, -2]", "act.tensors[0].shape[0]",
-         [msgpack.packb(act_with(tensors=tensor0(shape=[-2, -2]))), *frames[1:]]),
-        ("unsupported_dtype", "dtype complex64", "act.tensors[0].dtype",
-         [msgpack.packb(act_with(tensors=tensor0(dtype="complex64"))), *frames[1:]]),
-        ("labels_not_int64", "labels declared float32", "act.tensors[1].dtype",
-         [msgpack.packb(act_with(tensors=[act["tensors"][0], {**act["tensors"][1], "dtype": "float64"}])), *frames[1:]]),
-        ("wrong_tensor_name", "grad carrying a tensor named h", "grad.tensors",
-         _frames({"v": 1, "kind": "grad", "edge": "e", "seq": 1,
-                  "tensors": [{"name": "h", "dtype": "uint8", "shape": [1], "nbytes": 1}]}, b"\x00")),
+         "act.tensors[0].nbytes", h_frames(shape=[2**30, 2**30], nbytes=2**62)),
+        ("too_many_dims", "9 dims (limit 8)", "act.tensors[0].shape", h_frames(shape=[1] * 9, nbytes=4)),
+        ("negative_dim", "shape [-2, -2]", "act.tensors[0].shape[0]", h_frames(shape=[-2, -2])),
+        ("unsupported_dtype", "dtype complex64", "act.tensors[0].dtype", h_frames(dtype="complex64")),
+        ("labels_not_int64", "labels declared float64", "act.tensors[1].dtype",
+         act_frames(tensors=[h, {**labels, "dtype": "float64"}])),
+        ("wrong_tensor_name", "grad carrying a tensor named h", "grad.tensors", _frames(grad_h, b"\x00")),
         ("bool_byte_2", "bool tensor holding byte 0x02", "act.tensors[0]",
-         _frames(act_with(tensors=[{"name": "h", "dtype": "bool", "shape": [2], "nbytes": 2}]), b"\x01\x02")),
+         _frames({**act, "tensors": [bool_h]}, b"\x01\x02")),
     ]
 
 
@@ -151,7 +154,8 @@ def build() -> dict[str, str]:
     docs = {f"{name}.json": _valid_doc(name, text, msg) for name, text, msg in _valid()}
     docs.update(
         (f"invalid/{name}.json",
-         {"name": name, "description": text, "valid": False, "error": where, "frames": [f.hex() for f in frames]})
+         {"name": name, "description": text, "valid": False, "error": where,
+          "frames": [f.hex() for f in frames]})
         for name, text, where, frames in _invalid()
     )
     return {path: _dump(doc) for path, doc in docs.items()}
@@ -169,7 +173,10 @@ def main() -> int:
     check = parser.parse_args().check
     wanted = build()
     present = {str(p.relative_to(VECTORS)) for p in VECTORS.rglob("*.json")}
-    stale = sorted(p for p, text in wanted.items() if p not in present or (VECTORS / p).read_text(encoding="utf-8") != text)
+    stale = sorted(
+        path for path, text in wanted.items()
+        if path not in present or (VECTORS / path).read_text(encoding="utf-8") != text
+    )
     extra = sorted(present - wanted.keys())
     if check:
         for path in stale + extra:
