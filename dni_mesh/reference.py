@@ -70,10 +70,16 @@ def build_stage(name: str, make_module: Callable[[], nn.Module], *,
 
 @dataclass
 class NodeSpec:
-    """One node of the chain: a name and a zero-argument module factory (e.g. a partial)."""
+    """One node of the chain: a name and a zero-argument module factory (e.g. a partial).
+
+    The other fields, when set, override the ChainConfig's setting for this node.
+    """
     name: str
     make: Callable[[], nn.Module]
-    mode: str | None = None           # overrides ChainConfig.mode for this node's interface
+    mode: str | None = None
+    optimizer: dict | None = None
+    synthetic_gradient: SyntheticGradientConfig | None = None
+    bp_lambda: float | None = None
 
 
 @dataclass
@@ -106,19 +112,22 @@ class ChainTrainer:
         self.stages: list[Stage] = []
         shape = tuple(config.input_shape)
         for i, node in enumerate(config.nodes):
-            head = i == len(config.nodes) - 1
-            stage_config = StageConfig(mode=node.mode or config.mode, bp_lambda=config.bp_lambda,
-                                       max_pending=config.max_pending)
-            stage = build_stage(node.name, node.make, input_shapes=[shape],
-                                optimizer=config.optimizer, config=stage_config,
-                                synthetic_gradient=config.synthetic_gradient, head=head,
-                                num_classes=config.num_classes, seed=config.seed,
-                                device=config.device)
+            stage = self.build(node, shape, head=i == len(config.nodes) - 1)
             self.stages.append(stage)
-            if not head:
+            if not stage.head:
                 shape = output_shape(stage.module, [shape], stage.device)
         self.losses: list[float] = []
         self.seq = 0
+
+    def build(self, node: NodeSpec, input_shape: tuple[int, ...], head: bool) -> Stage:
+        c = self.config
+        lam = c.bp_lambda if node.bp_lambda is None else node.bp_lambda
+        return build_stage(
+            node.name, node.make, input_shapes=[input_shape],
+            optimizer=node.optimizer or c.optimizer,
+            config=StageConfig(mode=node.mode or c.mode, bp_lambda=lam, max_pending=c.max_pending),
+            synthetic_gradient=node.synthetic_gradient or c.synthetic_gradient, head=head,
+            num_classes=c.num_classes, seed=c.seed, device=c.device)
 
     def step(self, x: Tensor, y: Tensor) -> StepResult:
         """Train on one batch; returns the head's result (loss, correct)."""

@@ -84,13 +84,15 @@ def test_dni_chain_learns_separable_blobs(mode):
     assert not torch.equal(untrained, trainer.stages[0].module.net[1].weight)
 
 
-def test_modes_can_be_mixed_along_the_chain():
+def test_modes_and_settings_can_differ_along_the_chain():
     config = chain("dni")
     config.nodes[1].mode = "backprop"
+    config.nodes[1].optimizer = {"name": "sgd", "lr": 0.1}
     trainer = train(ChainTrainer(config), Blobs(seed=1, num_samples=128), epochs=1)
     l1, l2, _ = trainer.stages
     assert (l1.stats.sg_fits, l2.stats.sg_fits, l2.stats.steps) == (2, 0, 2)
     assert l1.synthesizer is not None and l2.synthesizer is None
+    assert isinstance(l2.optimizer, torch.optim.SGD) and isinstance(l1.optimizer, torch.optim.Adam)
     assert not l1.pending and not l2.pending
 
 
