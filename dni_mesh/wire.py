@@ -406,7 +406,9 @@ def decode(frames: Sequence[bytes | memoryview], limits: Limits = DEFAULT_LIMITS
     """The message in `frames` (header first, no routing-id frames), fully validated first.
 
     Raises WireError, naming the field and the problem, for anything that does not follow
-    protocols/wire-v1.md or exceeds `limits`.
+    protocols/wire-v1.md or exceeds `limits`. Tensors view the frames' memory where a frame is
+    writable and aligned (received ZeroMQ frames are) and are aligned copies otherwise; either way
+    they are ordinary writable CPU tensors.
     """
     if not 1 <= len(frames) <= 1 + limits.max_tensors:
         raise WireError(f"frames: {len(frames)} frames, expected 1 header + at most {limits.max_tensors} tensors")
