@@ -141,7 +141,7 @@ class Stage:
             else:
                 self.stats.unknown += 1
             return BackwardResult(input_grads=None)
-        grad = grad.to(self.device)
+        grad = grad.to(device=self.device, dtype=entry.h.dtype)  # the wire may carry less
         if self.config.mode == "backprop":
             self.apply(entry.h, grad)
             return BackwardResult(input_grads=grads_of(entry.inputs))
