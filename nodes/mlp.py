@@ -1,4 +1,5 @@
 """Fully connected nodes, as in the paper's MNIST FCN: each layer FC + batch norm + ReLU."""
+import torch
 from torch import Tensor, nn
 
 
@@ -26,3 +27,17 @@ class Classifier(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
+
+
+class Join(nn.Module):
+    """A fan-in node: concatenates its inputs' features, then one FC layer like Block.
+
+    d_in lists the feature count of each input, in the order of the node's in-edges.
+    """
+
+    def __init__(self, d_in: list[int], d_out: int):
+        super().__init__()
+        self.block = Block(sum(d_in), d_out)
+
+    def forward(self, *inputs: Tensor) -> Tensor:
+        return self.block(torch.cat([x.flatten(1) for x in inputs], dim=1))

@@ -1,0 +1,77 @@
+"""`dni-mesh`: run a mesh, check a topology file, or run one node of a mesh spread over machines.
+
+Exit codes: 0 success, 1 a node or the run failed, 2 an invalid topology or command line,
+130 interrupted (SIGINT/SIGTERM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from dni_mesh.topology import TopologyError, describe, load_topology
+
+
+def _topology_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("topology", help="topology YAML file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="override a dotted key, e.g. data.epochs=1")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dni-mesh", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="start every node on this machine and supervise them")
+    _topology_args(run)
+    run.add_argument("--summary", type=Path, help="write the run summary as JSON here")
+    run.add_argument("--run-dir", type=Path, help="folder for logs and metrics (default runs/NAME-TIME)")
+    run.add_argument("--no-live", action="store_true", help="no live table, even on a terminal")
+
+    validate = sub.add_parser("validate", help="check a topology file and print the resolved mesh")
+    _topology_args(validate)
+
+    node = sub.add_parser("node", help="run one node (one per machine or process)")
+    _topology_args(node)
+    node.add_argument("--name", required=True, help="the node to run")
+    node.add_argument("--control", help="launcher control address (set by `dni-mesh run`)")
+    node.add_argument("--run-dir", type=Path, default=Path("runs/node"),
+                      help="folder for this node's metrics (default runs/node)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        topology = load_topology(args.topology, args.overrides)
+    except TopologyError as error:
+        print(f"dni-mesh: invalid topology: {error}", file=sys.stderr)
+        return 2
+    if args.command == "validate":
+        print(describe(topology))
+        return 0
+    if args.command == "node":
+        if args.name not in topology.nodes:
+            print(f"dni-mesh: {topology.path}: no node named {args.name!r} "
+                  f"(nodes: {', '.join(topology.nodes)})", file=sys.stderr)
+            return 2
+        from dni_mesh.node import run_node
+        return run_node(topology, args.name, args.control, args.run_dir)
+    from dni_mesh.launch import Interrupted, NodeFailed, run
+    try:
+        run(topology.path, args.overrides, run_dir=args.run_dir, summary_path=args.summary,
+            live=not args.no_live, topology=topology)
+    except NodeFailed as error:
+        print(f"dni-mesh: run failed: {error}", file=sys.stderr)
+        return 1
+    except Interrupted as error:
+        print(f"dni-mesh: interrupted ({error}); every node was stopped", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""The launcher: start every node of a topology as a process on this machine and supervise it.
+
+The launcher binds a control inbox; each node sends Hello, Metrics, Heartbeat and Error there
+and ends that stream with End when it exits. The launcher keeps a live view, writes every
+metrics message to `metrics.jsonl` in the run folder, and fails the run as soon as a node dies
+(naming it and quoting its last output lines). On SIGINT or SIGTERM it sends Stop to every
+node, waits briefly, then kills what is left, so no process outlives the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import zmq
+
+from dni_mesh import wire
+from dni_mesh.live import LiveView
+from dni_mesh.topology import Topology, load_topology
+from dni_mesh.transport import Inbox, Peer
+
+STOP_GRACE_S = 3.0
+
+
+class NodeFailed(RuntimeError):
+    """A node process exited with an error; the message names it and quotes its output."""
+
+
+class Interrupted(RuntimeError):
+    """SIGINT or SIGTERM reached the launcher."""
+
+
+@dataclass
+class NodeProcess:
+    """One node's process and what the launcher has heard from it."""
+    name: str
+    process: subprocess.Popen
+    log_path: Path
+    hello: wire.Hello | None = None
+    latest: dict = field(default_factory=dict)
+    final: dict = field(default_factory=dict)
+    evals: list[dict] = field(default_factory=list)
+
+    def tail(self, lines: int = 20) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+Wrap = Callable[[str, list[str]], list[str]]
+"""Turns a node's command into the one to run (e.g. inside a network namespace)."""
+
+
+def no_wrap(node: str, command: list[str]) -> list[str]:
+    return command
+
+
+def node_command(topology: Topology, name: str, overrides: Sequence[str], control: str,
+                 run_dir: Path) -> list[str]:
+    command = [sys.executable, "-m", "dni_mesh.cli", "node", str(topology.path), "--name", name,
+               "--control", control, "--run-dir", str(run_dir)]
+    for override in overrides:
+        command += ["--set", override]
+    return command
+
+
+def default_run_dir(topology: Topology) -> Path:
+    return Path("runs") / f"{topology.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+
+
+class Launcher:
+    """Starts, watches and stops the node processes of one run."""
+
+    def __init__(self, topology: Topology, overrides: Sequence[str], run_dir: Path,
+                 live: bool = True, wrap: Wrap = no_wrap, control_host: str = "127.0.0.1"):
+        self.topology = topology
+        self.overrides = list(overrides)
+        self.run_dir = run_dir
+        self.wrap = wrap
+        self.context = zmq.Context()
+        self.inbox = Inbox(f"tcp://{control_host}:0", "launcher", context=self.context)
+        self.nodes: dict[str, NodeProcess] = {}
+        self.ended: set[str] = set()
+        self.view = LiveView(topology, enabled=live)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics = (run_dir / "metrics.jsonl").open("w")
+
+    def start(self) -> None:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        for name, spec in self.topology.nodes.items():
+            env["OMP_NUM_THREADS"] = str(spec.threads)
+            log_path = self.run_dir / f"{name}.log"
+            command = self.wrap(name, node_command(self.topology, name, self.overrides,
+                                                   self.inbox.address, self.run_dir))
+            with log_path.open("w") as log:
+                process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                           stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+            self.nodes[name] = NodeProcess(name, process, log_path)
+        pids = {name: node.process.pid for name, node in self.nodes.items()}
+        (self.run_dir / "nodes.json").write_text(json.dumps(pids, indent=2) + "\n")
+
+    def supervise(self) -> None:
+        """Return when every node exited 0; raise NodeFailed when one did not."""
+        with self.view:
+            while True:
+                envelope = self.inbox.recv(200)
+                if envelope is not None:
+                    self.take(envelope.peer, envelope.message)
+                self.view.refresh(self.nodes)
+                codes = {n: p.process.poll() for n, p in self.nodes.items()}
+                for name, code in codes.items():
+                    if code not in (None, 0):
+                        node = self.nodes[name]
+                        raise NodeFailed(f"node {name} (pid {node.process.pid}) exited with code "
+                                         f"{code}; its last output ({node.log_path}):\n{node.tail()}")
+                if all(code == 0 for code in codes.values()):
+                    self.drain()
+                    return
+
+    def drain(self) -> None:
+        """Take the control messages that were sent just before the processes exited."""
+        while (envelope := self.inbox.recv(0)) is not None:
+            self.take(envelope.peer, envelope.message)
+
+    def take(self, peer: str, message: wire.Message) -> None:
+        node = self.nodes.get(peer)
+        if node is None:
+            return
+        if isinstance(message, wire.Hello):
+            node.hello = message
+        elif isinstance(message, wire.Metrics):
+            values = dict(message.values, node=peer, step=message.step)
+            self.metrics.write(json.dumps(values) + "\n")
+            node.latest.update(values)
+            if values.get("event") == "eval":
+                node.evals.append(values)
+            elif values.get("event") == "final":
+                node.final = values
+        elif isinstance(message, wire.Error):
+            node.latest["error"] = message.text
+        elif isinstance(message, wire.End):
+            self.ended.add(peer)
+
+    def stop(self, reason: str) -> None:
+        """Ask every live node to stop, then kill whatever is left after the grace period."""
+        live = [n for n in self.nodes.values() if n.process.poll() is None]
+        peers = []
+        for node in live:
+            peer = Peer(self.topology.nodes[node.name].address, "launcher", context=self.context)
+            peer.config.block_timeout_ms = 200
+            try:
+                peer.send(wire.Stop(node.name, reason))
+            except Exception:
+                pass  # a node too busy to take Stop is killed below
+            peers.append(peer)
+        deadline = time.monotonic() + STOP_GRACE_S
+        for node in live:
+            try:
+                node.process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for node in self.nodes.values():
+            if node.process.poll() is None:
+                os.killpg(node.process.pid, signal.SIGKILL)
+                node.process.wait()
+        for peer in peers:
+            peer.close()
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.inbox.close()
+        self.context.term()
+
+    def summary(self, wall_s: float) -> dict:
+        t = self.topology
+        heads = [self.nodes[h] for h in t.heads]
+        evals = heads[0].evals if heads else []
+        return {
+            "name": t.name, "mode": t.mode, "epochs": t.data.epochs,
+            "test_accuracy": evals[-1]["test_accuracy"] if evals else None,
+            "test_accuracy_per_eval": [e["test_accuracy"] for e in evals],
+            "train_samples_per_s": heads[0].final.get("samples_per_s") if heads else None,
+            "wall_s": round(wall_s, 3), "run_dir": str(self.run_dir),
+            "nodes": {name: {"pid": n.process.pid, "role": t.nodes[name].role,
+                             "host": t.nodes[name].host, "address": t.nodes[name].address,
+                             "steps": n.final.get("steps"),
+                             "bad_messages": n.final.get("bad_messages"),
+                             "dropped_messages": n.final.get("dropped_messages")}
+                      for name, n in self.nodes.items()},
+        }
+
+
+def run(topology_path: str | Path, overrides: Sequence[str] = (), run_dir: Path | None = None,
+        summary_path: Path | None = None, live: bool = True, wrap: Wrap = no_wrap,
+        topology: Topology | None = None) -> dict:
+    """Run a whole mesh on this machine; returns (and optionally writes) the summary.
+
+    Raises TopologyError before anything starts, NodeFailed when a node dies, Interrupted on
+    SIGINT/SIGTERM; in every case no node process is left behind.
+    """
+    topology = topology or load_topology(topology_path, overrides)
+    run_dir = run_dir or default_run_dir(topology)
+    launcher = Launcher(topology, overrides, run_dir, live=live, wrap=wrap)
+    started = time.monotonic()
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise Interrupted(f"{signal.Signals(signum).name} received")
+
+    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        launcher.start()
+        launcher.supervise()
+    except BaseException as error:
+        for s in previous:
+            signal.signal(s, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
+        launcher.stop(f"launcher: {error.__class__.__name__}")
+        raise
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        launcher.close()
+    summary = launcher.summary(time.monotonic() - started)
+    launcher.view.final_table(launcher.nodes, summary)
+    if summary_path is not None:
+        Path(summary_path).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

@@ -1,0 +1,194 @@
+"""End-to-end: real node processes over tcp loopback on real MNIST, checked against the reference.
+
+Each mesh here is small (narrow layers, a few dozen batches) so the file runs in about a minute
+on two cores; the timeouts are generous because six processes each import torch.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from dni_mesh.build import build_source, chain_config
+from dni_mesh.launch import NodeFailed, run
+from dni_mesh.reference import ChainTrainer
+from dni_mesh.topology import load_topology
+from dni_mesh.transport import free_tcp_port
+
+DATA = Path(os.environ.get("DNI_MESH_DATA", Path(__file__).parents[2] / "shared" / "data"))
+pytestmark = pytest.mark.skipif(not (DATA / "mnist").is_dir(),
+                                reason=f"MNIST not found under {DATA} (set DNI_MESH_DATA)")
+
+STEPS = 24
+
+
+def chain(mode: str, **extra) -> dict:
+    """source -> l1 -> l2 -> head on MNIST, one batch in flight."""
+    topology = {
+        "name": f"test-{mode}", "mode": mode, "seed": 3,
+        "data": {"source": "mnist", "batch_size": 64, "epochs": 1, "eval_every": 0,
+                 "limit": STEPS, "data_dir": str(DATA)},
+        "defaults": {"optimizer": {"name": "adam", "lr": 1e-3}, "window": 1,
+                     "synthetic_gradient": {"hidden": 0, "optimizer": {"name": "adam", "lr": 1e-3}}},
+        "nodes": {"source": {"role": "source"},
+                  "l1": {"module": "nodes.mlp:Block", "args": {"d_in": 784, "d_out": 32}},
+                  "l2": {"module": "nodes.mlp:Block", "args": {"d_in": 32, "d_out": 32}},
+                  "head": {"role": "head", "module": "nodes.mlp:Classifier",
+                           "args": {"d_in": 32, "classes": 10}}},
+        "edges": ["source -> l1", "l1 -> l2", "l2 -> head"],
+        "hosts": {"local": {"address": "127.0.0.1", "base_port": free_tcp_port()}},
+    }
+    topology.update(extra)
+    return topology
+
+
+def write(tmp_path: Path, topology: dict) -> Path:
+    path = tmp_path / "mesh.yaml"
+    path.write_text(yaml.safe_dump(topology, sort_keys=False))
+    return path
+
+
+def head_losses(run_dir: Path) -> list[float]:
+    records = [json.loads(line) for line in (run_dir / "head.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if r.get("event") == "step"]
+
+
+def reference_losses(path: Path) -> list[float]:
+    topology = load_topology(path)
+    torch.set_num_threads(1)
+    trainer = ChainTrainer(chain_config(topology))
+    train = build_source(topology, "train")
+    for step, (x, y) in enumerate(train.iterate(0)):
+        if step == STEPS:
+            break
+        trainer.step(x, y)
+    return trainer.losses
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("mode", ["backprop", "cdni"])
+def test_mesh_reproduces_reference(tmp_path, mode):
+    path = write(tmp_path, chain(mode))
+    summary = run(path, run_dir=tmp_path / "run", live=False)
+    mesh = head_losses(tmp_path / "run")
+    reference = reference_losses(path)
+    assert len(mesh) == STEPS
+    assert mesh == pytest.approx(reference, abs=1e-5)
+    assert summary["mode"] == mode
+    assert 0.0 < summary["test_accuracy"] <= 1.0
+    nodes = summary["nodes"]
+    assert set(nodes) == {"source", "l1", "l2", "head"}
+    assert all(n["steps"] == STEPS and n["bad_messages"] == 0 and n["dropped_messages"] == 0
+               for n in nodes.values())
+
+
+@pytest.mark.timeout(240)
+def test_dag_fan_out_and_fan_in(tmp_path):
+    topology = chain("dni", nodes={
+        "source": {"role": "source"},
+        "l1": {"module": "nodes.mlp:Block", "args": {"d_in": 784, "d_out": 32}},
+        "a": {"module": "nodes.mlp:Block", "args": {"d_in": 32, "d_out": 16}},
+        "b": {"module": "nodes.mlp:Block", "args": {"d_in": 32, "d_out": 16}},
+        "join": {"module": "nodes.mlp:Join", "args": {"d_in": [16, 16], "d_out": 32}},
+        "head": {"role": "head", "module": "nodes.mlp:Classifier", "args": {"d_in": 32, "classes": 10}},
+    }, edges=["source -> l1", "l1 -> a", "l1 -> b", "a -> join", "b -> join", "join -> head"])
+    topology["defaults"]["window"] = 4
+    summary = run(write(tmp_path, topology), run_dir=tmp_path / "run", live=False)
+    assert {n: v["steps"] for n, v in summary["nodes"].items()} == dict.fromkeys(summary["nodes"], STEPS)
+    fits = [json.loads(line) for line in (tmp_path / "run" / "l1.jsonl").read_text().splitlines()]
+    assert sum(r.get("event") == "fit" for r in fits) == STEPS  # one fit per step: both grads summed
+
+
+CRASHER = '''
+import torch
+from torch import nn
+
+class Crash(nn.Module):
+    """Fails on its third training step, like a node with a bug."""
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.linear = nn.Linear(d_in, d_out)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.training and self.calls > 3:
+            raise RuntimeError("boom in forward")
+        return self.linear(x)
+'''
+
+
+@pytest.mark.timeout(120)
+def test_dead_node_fails_the_run_with_its_name_and_output(tmp_path):
+    (tmp_path / "crashing.py").write_text(CRASHER)
+    topology = chain("dni")
+    topology["nodes"]["l2"] = {"module": "crashing:Crash", "args": {"d_in": 32, "d_out": 32}}
+    with pytest.raises(NodeFailed) as failure:
+        run(write(tmp_path, topology), run_dir=tmp_path / "run", live=False)
+    text = str(failure.value)
+    assert "node l2" in text and "boom in forward" in text
+    pids = json.loads((tmp_path / "run" / "nodes.json").read_text())
+    assert all(not alive(pid) for pid in pids.values())
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)  # polling a file the mesh writes, not synchronising with it
+
+
+@pytest.mark.timeout(120)
+def test_sigint_stops_every_node_within_five_seconds(tmp_path):
+    topology = chain("dni")
+    topology["data"].update(epochs=50, limit=None)
+    path = write(tmp_path, topology)
+    run_dir = tmp_path / "run"
+    launcher = subprocess.Popen([sys.executable, "-m", "dni_mesh.cli", "run", str(path),
+                                 "--run-dir", str(run_dir), "--no-live"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        head = run_dir / "head.jsonl"
+        wait_for(lambda: head.exists() and '"event": "step"' in head.read_text(), 90, "training")
+        pids = json.loads((run_dir / "nodes.json").read_text())
+        launcher.send_signal(signal.SIGINT)
+        started = time.monotonic()
+        code = launcher.wait(timeout=10)
+        assert time.monotonic() - started < 5
+    finally:
+        launcher.kill()
+    assert code == 130, launcher.stdout.read()
+    assert all(not alive(pid) for pid in pids.values())
+
+
+@pytest.mark.parametrize("problem, expected", [
+    ({"edges": ["source -> l1", "l1 -> nowhere"]}, "nowhere"),
+    ({"data": {"batch_size": "many"}}, "batch_size"),
+])
+def test_invalid_topology_exits_2_before_starting(tmp_path, problem, expected):
+    topology = chain("dni")
+    for key, value in problem.items():
+        topology[key] = {**topology[key], **value} if isinstance(value, dict) else value
+    path = write(tmp_path, topology)
+    result = subprocess.run([sys.executable, "-m", "dni_mesh.cli", "run", str(path),
+                             "--run-dir", str(tmp_path / "run")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert str(path) in result.stderr and expected in result.stderr
+    assert not (tmp_path / "run").exists()
