@@ -19,7 +19,7 @@ def _fmt(value: object) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:.4g}"
+        return f"{value:.0f}" if abs(value) >= 100 else f"{value:.4g}"
     return str(value)
 
 
