@@ -29,6 +29,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--summary", type=Path, help="write the run summary as JSON here")
     run.add_argument("--run-dir", type=Path, help="folder for logs and metrics (default runs/NAME-TIME)")
     run.add_argument("--no-live", action="store_true", help="no live table, even on a terminal")
+    run.add_argument("--hosts", choices=["local", "netns"], default="local",
+                     help="local: every node on this machine's network; netns: each host of the "
+                          "topology in its own network namespace at its address (needs root)")
 
     validate = sub.add_parser("validate", help="check a topology file and print the resolved mesh")
     _topology_args(validate)
@@ -39,6 +42,8 @@ def parser() -> argparse.ArgumentParser:
     node.add_argument("--control", help="launcher control address (set by `dni-mesh run`)")
     node.add_argument("--run-dir", type=Path, default=Path("runs/node"),
                       help="folder for this node's metrics (default runs/node)")
+    node.add_argument("--kernel-bandwidth", action="store_true",
+                      help="the network shapes bandwidth between hosts (set by --hosts netns)")
     return p
 
 
@@ -59,16 +64,27 @@ def main(argv: list[str] | None = None) -> int:
                   f"(nodes: {', '.join(topology.nodes)})", file=sys.stderr)
             return 2
         from dni_mesh.node import run_node
-        return run_node(topology, args.name, args.control, args.run_dir)
+        return run_node(topology, args.name, args.control, args.run_dir, args.kernel_bandwidth)
     from dni_mesh.launch import Interrupted, NodeFailed, run
+    from dni_mesh.netns import NetnsError, Network
+    options = dict(run_dir=args.run_dir, summary_path=args.summary, live=not args.no_live,
+                   topology=topology)
     try:
-        run(topology.path, args.overrides, run_dir=args.run_dir, summary_path=args.summary,
-            live=not args.no_live, topology=topology)
+        if args.hosts == "netns":
+            with Network(topology) as network:
+                run(topology.path, args.overrides, wrap=network.wrap,
+                    control_host=network.control_host, **options)
+        else:
+            run(topology.path, args.overrides, **options)
+    except NetnsError as error:
+        print(f"dni-mesh: --hosts netns: {error}", file=sys.stderr)
+        return 2
     except NodeFailed as error:
         print(f"dni-mesh: run failed: {error}", file=sys.stderr)
         return 1
-    except Interrupted as error:
-        print(f"dni-mesh: interrupted ({error}); every node was stopped", file=sys.stderr)
+    except (Interrupted, KeyboardInterrupt) as error:
+        print(f"dni-mesh: interrupted ({error or 'signal'}); every node was stopped",
+              file=sys.stderr)
         return 130
     return 0
 

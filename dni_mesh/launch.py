@@ -198,15 +198,18 @@ class Launcher:
 
 def run(topology_path: str | Path, overrides: Sequence[str] = (), run_dir: Path | None = None,
         summary_path: Path | None = None, live: bool = True, wrap: Wrap = no_wrap,
-        topology: Topology | None = None) -> dict:
+        topology: Topology | None = None, control_host: str = "127.0.0.1") -> dict:
     """Run a whole mesh on this machine; returns (and optionally writes) the summary.
+
+    `wrap` changes each node's command and `control_host` is the address the launcher's control
+    inbox binds, which every node must reach (e.g. `dni_mesh.netns.Network` gives both).
 
     Raises TopologyError before anything starts, NodeFailed when a node dies, Interrupted on
     SIGINT/SIGTERM; in every case no node process is left behind.
     """
     topology = topology or load_topology(topology_path, overrides)
     run_dir = run_dir or default_run_dir(topology)
-    launcher = Launcher(topology, overrides, run_dir, live=live, wrap=wrap)
+    launcher = Launcher(topology, overrides, run_dir, live=live, wrap=wrap, control_host=control_host)
     started = time.monotonic()
 
     def interrupt(signum: int, frame: object) -> None:

@@ -33,6 +33,7 @@ import zmq
 
 from dni_mesh import wire
 from dni_mesh.build import build_source, build_stage
+from dni_mesh.link import link_to
 from dni_mesh.stage import Stage
 from dni_mesh.topology import EdgeSpec, Topology
 from dni_mesh.transport import BLOCK, Inbox, Peer, TransportConfig
@@ -83,9 +84,17 @@ def transport_config(topology: Topology, window: int) -> TransportConfig:
 
 
 class Runtime:
-    """Sockets, metrics and liveness shared by every role."""
+    """Sockets, metrics and liveness shared by every role.
 
-    def __init__(self, topology: Topology, name: str, control: str | None, run_dir: Path):
+    The peer to each neighbour goes through the emulated link of the edge between the two
+    (`dni_mesh.link`); the launcher's control peer never does. kernel_bandwidth: the network
+    (`--hosts netns`) shapes the bandwidth between hosts, so links here only delay.
+    A link holds sent tensors zero-copy until their time comes: nothing here modifies a tensor
+    in place after sending it.
+    """
+
+    def __init__(self, topology: Topology, name: str, control: str | None, run_dir: Path,
+                 kernel_bandwidth: bool = False):
         self.topology = topology
         self.spec = topology.nodes[name]
         self.name = name
@@ -95,8 +104,9 @@ class Runtime:
         self.context = zmq.Context()
         self.inbox = Inbox(self.spec.address, name, self.config, self.context)
         neighbours = {e.dst for e in topology.outputs(name)} | {e.src for e in topology.inputs(name)}
-        self.peers = {n: Peer(topology.nodes[n].address, name, self.config, self.context)
-                      for n in sorted(neighbours)}
+        peers = {n: Peer(topology.nodes[n].address, name, self.config, self.context)
+                 for n in sorted(neighbours)}
+        self.peers = {n: link_to(topology, name, n, peer, kernel_bandwidth) for n, peer in peers.items()}
         self.control = Peer(control, name, self.config, self.context) if control else None
         self.parent = os.getppid()
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -395,11 +405,12 @@ class TrainClock:
         return self.samples / elapsed if elapsed > 0 else 0.0
 
 
-def run_node(topology: Topology, name: str, control: str | None, run_dir: Path) -> int:
+def run_node(topology: Topology, name: str, control: str | None, run_dir: Path,
+             kernel_bandwidth: bool = False) -> int:
     """Run one node to the end of its data; returns the process exit code."""
     spec = topology.nodes[name]
     torch.set_num_threads(spec.threads)
-    runtime = Runtime(topology, name, control, run_dir)
+    runtime = Runtime(topology, name, control, run_dir, kernel_bandwidth)
     status, code = "done", 0
     try:
         if spec.role == "source":
