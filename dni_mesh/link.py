@@ -25,13 +25,12 @@ incoming gradients out of place.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 import random
 import threading
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from dni_mesh import wire
 from dni_mesh.topology import LinkSpec, Topology
@@ -85,7 +84,7 @@ def link_to(topology: Topology, sender: str, receiver: str, peer: Peer,
     spec = topology.links[edge.name]
     hosts = frozenset({topology.nodes[sender].host, topology.nodes[receiver].host})
     if kernel_bandwidth and hosts in host_pair_rates(topology):
-        spec = dataclasses.replace(spec, bandwidth_mbps=None)
+        spec = replace(spec, bandwidth_mbps=None)
     return shaped(peer, spec, link_seed(topology.seed, edge.name, sender))
 
 
@@ -139,7 +138,7 @@ class Link:
         self.max_queued = max_queued
         self._block_timeout_ms = peer.config.block_timeout_ms
         # The thread waits in short slices so that close is never stuck behind a full receiver.
-        peer.config = dataclasses.replace(peer.config, block_timeout_ms=SEND_SLICE_MS)
+        peer.config = replace(peer.config, block_timeout_ms=SEND_SLICE_MS)
         self._peer = peer
         self.name, self.address = peer.name, peer.address
         self._schedule = Schedule(spec, seed)
@@ -198,6 +197,7 @@ class Link:
         self.close()
 
     def _put(self, msg: wire.Message, deadline: float | None, end_by: float | None = None) -> _Queued:
+        size = message_bytes(msg)
         with self._changed:
             while len(self._queue) >= self.max_queued and self._open():
                 wait = None if deadline is None else deadline - time.monotonic()
@@ -209,7 +209,7 @@ class Link:
                 raise self._error
             if self._close_by is not None:
                 raise RuntimeError(f"link {self.name!r} -> {self.address} is closed")
-            item = _Queued(msg, self._schedule.release(time.monotonic(), message_bytes(msg)), end_by)
+            item = _Queued(msg, self._schedule.release(time.monotonic(), size), end_by)
             self._queue.append(item)
             self._changed.notify_all()
             return item
