@@ -56,13 +56,14 @@ class TransportConfig:
     limits: wire.Limits = wire.DEFAULT_LIMITS
     """Bounds `wire.decode` enforces on every received message."""
     heartbeat_ivl_ms: int = 1000
-    """ZMTP PING interval, so that a vanished peer (no FIN, e.g. a dead host) is noticed."""
+    """ZMTP PING interval on every socket, so that a vanished inbox (no FIN: a dead host) is noticed."""
     heartbeat_timeout_ms: int = 5000
-    """Drop a connection that has sent nothing for this long. A single frame that takes longer to
-    arrive (a huge tensor on a slow link) also trips it: raise it for such links. ZMTP liveness is
+    """A Peer drops (and redials) a connection whose inbox has sent nothing for this long; the
+    inbox asks its peers for the same as HEARTBEAT_TTL. The inbox itself never times a peer out:
+    while its application does not read, libzmq stops reading that connection and could not see
+    the peer's answers, so it would cut a healthy sender and lose what was in flight. A frame that
+    takes longer than this to arrive (a huge tensor on a slow link) also trips it. ZMTP liveness is
     answered by libzmq's I/O thread even when Python is hung: nodes need application heartbeats too."""
-    heartbeat_ttl_ms: int = 5000
-    """Tells the remote side to drop us after this long without traffic."""
     handshake_ivl_ms: int = 5000
     """Give up a ZMTP handshake after this long (libzmq's 30 s lets a stuck connect linger)."""
     policy: dict[str, str] = field(default_factory=_default_policy)
@@ -138,8 +139,6 @@ class _Endpoint:
             (zmq.LINGER, self.config.linger_ms),
             (zmq.MAXMSGSIZE, self.config.max_msg_bytes),
             (zmq.HEARTBEAT_IVL, self.config.heartbeat_ivl_ms),
-            (zmq.HEARTBEAT_TIMEOUT, self.config.heartbeat_timeout_ms),
-            (zmq.HEARTBEAT_TTL, self.config.heartbeat_ttl_ms),
             (zmq.HANDSHAKE_IVL, self.config.handshake_ivl_ms),
         ):
             sock.setsockopt(option, value)
@@ -173,6 +172,9 @@ class Inbox(_Endpoint):
                  context: zmq.Context | None = None):
         super().__init__(zmq.ROUTER, config, context)
         self.name = name
+        # Heartbeats: PING peers but never time them out ourselves (see heartbeat_timeout_ms).
+        self._socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, 0)
+        self._socket.setsockopt(zmq.HEARTBEAT_TTL, self.config.heartbeat_timeout_ms)
         # Mandatory: an EndAck to a peer that is gone raises here instead of vanishing silently.
         self._socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
         # Handover: a restarted peer with the same name takes over instead of being ignored.
@@ -246,6 +248,9 @@ class Peer(_Endpoint):
         self.address = address
         self.name = name
         self._socket.setsockopt(zmq.ROUTING_ID, routing_id)
+        # Time out a silent inbox, but ask it for no TTL: it must not time us out (see config).
+        self._socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, self.config.heartbeat_timeout_ms)
+        self._socket.setsockopt(zmq.HEARTBEAT_TTL, 0)
         try:
             self._socket.connect(address)
         except zmq.ZMQError as error:

@@ -143,6 +143,28 @@ def test_block_policy_raises_peer_timeout_after_its_timeout(context: zmq.Context
         assert inbox.recv(timeout_ms=WAIT_MS) is not None
 
 
+def test_a_receiver_that_stops_reading_keeps_backpressure_and_loses_nothing(context: zmq.Context) -> None:
+    """Regression: with ZMTP heartbeat timeouts on the inbox, libzmq cut the connection of a peer
+    whose inbox was not being read (it cannot see the answers then) and the sender's queue leaked
+    into new connections: sends never blocked and most messages vanished."""
+    config = TransportConfig(sndhwm=2, rcvhwm=2, heartbeat_ivl_ms=50, heartbeat_timeout_ms=200,
+                             block_timeout_ms=300)
+    with Inbox("tcp://127.0.0.1:0", "receiver", config, context) as inbox, \
+            Peer(inbox.address, "sender", config, context) as peer:
+        payload = torch.zeros(1 << 14)
+        peer.send(wire.Activation("a->b", 0, payload))
+        assert inbox.recv(timeout_ms=WAIT_MS) is not None  # connected
+        accepted = 0
+        with pytest.raises(PeerTimeout):
+            while accepted < 5_000:
+                peer.send(wire.Activation("a->b", accepted, payload))
+                accepted += 1
+        time.sleep(0.5)  # the condition under test: many heartbeat timeouts without reading
+        for seq in range(accepted):
+            got = inbox.recv(timeout_ms=WAIT_MS)
+            assert got is not None and got.message.seq == seq
+
+
 def test_end_and_close_return_in_time_when_the_peer_is_gone(context: zmq.Context) -> None:
     config = TransportConfig(linger_ms=200, block_timeout_ms=1000)
     inbox = Inbox("tcp://127.0.0.1:0", "receiver", config, context)

@@ -1,0 +1,160 @@
+"""Transport throughput: raw pyzmq against the full dni_mesh path, two processes on tcp loopback.
+
+    python -m benchmarks.transport [--json PATH] [--repeats 5] [--seconds 1]
+
+For each tensor size the sender (this process) streams messages to a receiver process:
+  raw:  DEALER -> ROUTER multipart [fixed 64-byte header, tensor bytes], copy=False, same hwms;
+  mesh: wire.encode + Peer.send -> Inbox.recv + wire.decode into a torch tensor, one element read.
+Raw and mesh trials alternate (in alternating order) so that load from other processes hits both
+alike; the reported ratio is the median of the per-repeat mesh/raw ratios, rates are medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+
+import torch
+import zmq
+
+from dni_mesh import wire
+from dni_mesh.transport import Inbox, Peer, TransportConfig
+
+SIZES = (4 << 10, 256 << 10, 1 << 20, 16 << 20)
+RAW_HEADER = bytes(64)  # about the size of wire's msgpack header
+WAIT_MS = 30_000  # any single wait longer than this means the benchmark is broken, not slow
+CONFIG = TransportConfig(block_timeout_ms=WAIT_MS)
+
+
+def _raw_socket(context: zmq.Context, kind: int) -> zmq.Socket:
+    sock = context.socket(kind)
+    for option, value in ((zmq.SNDHWM, CONFIG.sndhwm), (zmq.RCVHWM, CONFIG.rcvhwm), (zmq.LINGER, 0),
+                          (zmq.SNDTIMEO, WAIT_MS), (zmq.RCVTIMEO, WAIT_MS)):
+        sock.setsockopt(option, value)
+    return sock
+
+
+def _receiver(conn: Connection) -> None:
+    """Child process: bind both paths, then receive `count` messages per command until None."""
+    context = zmq.Context()
+    raw = _raw_socket(context, zmq.ROUTER)
+    raw.bind("tcp://127.0.0.1:0")
+    with Inbox("tcp://127.0.0.1:0", "receiver", CONFIG, context) as inbox:
+        conn.send((raw.getsockopt_string(zmq.LAST_ENDPOINT), inbox.address))
+        while (command := conn.recv()) is not None:
+            mode, count = command
+            for _ in range(count):
+                if mode == "raw":
+                    raw.recv_multipart(copy=False)
+                    continue
+                envelope = inbox.recv(WAIT_MS)
+                if envelope is None:
+                    raise TimeoutError("mesh receiver: no message")
+                float(envelope.message.h[-1])  # the tensor is usable
+            conn.send(count)
+    raw.close()
+    context.term()
+
+
+def _rate(conn: Connection, mode: str, count: int, send: Callable[[int], object]) -> float:
+    """Messages per second for `count` sends, from the first send until the receiver has all."""
+    conn.send((mode, count))
+    start = time.perf_counter()
+    for seq in range(count):
+        send(seq)
+    if not conn.poll(WAIT_MS / 1000):
+        raise TimeoutError(f"{mode} receiver did not finish")
+    conn.recv()
+    return count / (time.perf_counter() - start)
+
+
+def measure(sizes: tuple[int, ...], repeats: int, seconds: float) -> list[dict[str, float]]:
+    spawn = multiprocessing.get_context("spawn")
+    conn, child_conn = spawn.Pipe()
+    child = spawn.Process(target=_receiver, args=(child_conn,), daemon=True)
+    child.start()
+    if not conn.poll(WAIT_MS / 1000):
+        raise TimeoutError("receiver did not start")
+    raw_address, inbox_address = conn.recv()
+    context = zmq.Context()
+    raw = _raw_socket(context, zmq.DEALER)
+    raw.connect(raw_address)
+    rows = []
+    with Peer(inbox_address, "sender", CONFIG, context) as peer:
+        for size in sizes:
+            tensor = torch.ones(size // 4)
+            payload = memoryview(tensor.numpy()).cast("B")
+            paths = {
+                "raw": lambda seq: raw.send_multipart([RAW_HEADER, payload], copy=False),
+                "mesh": lambda seq: peer.send(wire.Activation("bench", seq, tensor)),
+            }
+            warmup = max(20, (64 << 20) // size)
+            rates = {mode: _rate(conn, mode, warmup, send) for mode, send in paths.items()}
+            count = max(20, int(rates["raw"] * seconds))
+            trials = []
+            for repeat in range(repeats):  # alternate which path goes first, against drift in load
+                order = sorted(paths, reverse=repeat % 2 == 1)
+                trials.append({mode: _rate(conn, mode, count, paths[mode]) for mode in order})
+            raw_rate = statistics.median(t["raw"] for t in trials)
+            mesh_rate = statistics.median(t["mesh"] for t in trials)
+            rows.append({
+                "size_bytes": size,
+                "raw_msgs_per_s": raw_rate,
+                "mesh_msgs_per_s": mesh_rate,
+                "raw_gbps": raw_rate * size / 1e9,
+                "mesh_gbps": mesh_rate * size / 1e9,
+                "ratio": statistics.median(t["mesh"] / t["raw"] for t in trials),
+            })
+            print(_format(rows[-1]), flush=True)
+    conn.send(None)
+    child.join(WAIT_MS / 1000)
+    raw.close(linger=0)
+    context.term()
+    return rows
+
+
+def machine() -> dict[str, object]:
+    return {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "pyzmq": zmq.__version__,
+        "libzmq": zmq.zmq_version(),
+        "torch": torch.__version__,
+        "gpu": torch.cuda.is_available(),
+        "loadavg_1m": os.getloadavg()[0],
+    }
+
+
+HEADER = f"{'size':>8} {'raw msg/s':>10} {'raw GB/s':>9} {'mesh msg/s':>11} {'mesh GB/s':>10} {'ratio':>6}"
+
+
+def _format(row: dict[str, float]) -> str:
+    size = row["size_bytes"]
+    label = f"{size >> 20} MB" if size >= 1 << 20 else f"{size >> 10} KB"
+    return (f"{label:>8} {row['raw_msgs_per_s']:>10.0f} {row['raw_gbps']:>9.2f} "
+            f"{row['mesh_msgs_per_s']:>11.0f} {row['mesh_gbps']:>10.2f} {row['ratio']:>6.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", metavar="PATH", help="also write the rows and the machine as JSON")
+    parser.add_argument("--repeats", type=int, default=5, help="trials per size and path (median)")
+    parser.add_argument("--seconds", type=float, default=1.0, help="about how long one raw trial runs")
+    args = parser.parse_args()
+    print(HEADER, flush=True)
+    rows = measure(SIZES, args.repeats, args.seconds)
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump({"rows": rows, "machine": machine()}, out, indent=2)
+
+
+if __name__ == "__main__":
+    main()
