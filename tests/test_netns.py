@@ -28,18 +28,20 @@ from dni_mesh.topology import load_topology
 
 
 def _can_make_namespaces() -> str | None:
-    """Why namespace tests cannot run here, or None when they can."""
+    """Why namespace tests cannot run here, or None when they can (root alone is not enough in
+    a container without CAP_NET_ADMIN: try one)."""
     if os.geteuid() != 0:
         return "needs root"
     if shutil.which("ip") is None or shutil.which("tc") is None:
         return "needs iproute2 (ip, tc)"
-    if subprocess.run(["ip", "netns", "list"], capture_output=True).returncode != 0:
-        return "`ip netns` is not available"
-    return None
+    probe = f"dni-{os.getpid()}-probe"
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return f"`ip netns add` fails: {made.stderr.strip()}" if made.returncode else None
 
 
-needs_netns = pytest.mark.skipif(_can_make_namespaces() is not None,
-                                 reason=_can_make_namespaces() or "")
+WHY_NOT = _can_make_namespaces()
+needs_netns = pytest.mark.skipif(WHY_NOT is not None, reason=WHY_NOT or "")
 SUBNET = f"10.{200 + os.getpid() % 50}.{os.getpid() // 50 % 256}"
 BATCHES = 8
 
@@ -175,24 +177,23 @@ def wait_for(predicate, timeout: float, what: str) -> None:
 
 @needs_netns
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("how", ["sigint_while_training", "node_killed_at_start"])
+@pytest.mark.parametrize("how", ["sigint", "node_killed"])
 def test_interrupted_run_leaves_no_namespace(tmp_path, how):
     path = write(tmp_path, mesh(epochs=1000, mode="dni"))
     run_dir = tmp_path / "run"
     launcher = launch(path, run_dir)
     try:
-        nodes, head = run_dir / "nodes.json", run_dir / "head.jsonl"
-        wait_for(lambda: nodes.exists() and nodes.read_text().endswith("\n"), 30, "the nodes")
+        nodes = run_dir / "nodes.json"  # written once every node process has started
+        wait_for(lambda: nodes.exists() and nodes.read_text().endswith("\n"), 60, "the nodes")
         assert leftovers(launcher.pid)
-        if how == "sigint_while_training":
-            wait_for(lambda: head.exists() and '"event": "step"' in head.read_text(), 90, "training")
+        if how == "sigint":
             launcher.send_signal(signal.SIGINT)
         else:
             os.kill(json.loads(nodes.read_text())["l2"], signal.SIGKILL)
         output, _ = launcher.communicate(timeout=30)
     finally:
         launcher.kill()
-    assert launcher.returncode == (130 if how.startswith("sigint") else 1), output
+    assert launcher.returncode == (130 if how == "sigint" else 1), output
     assert leftovers(launcher.pid) == []
 
 
