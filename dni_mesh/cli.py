@@ -1,4 +1,5 @@
-"""`dni-mesh`: run a mesh, check a topology file, or run one node of a mesh spread over machines.
+"""`dni-mesh`: run a mesh, check a topology file, run one node of a mesh spread over machines, or
+benchmark a mesh.
 
 Exit codes: 0 success, 1 a node or the run failed, 2 an invalid topology or command line,
 130 interrupted (SIGINT/SIGTERM).
@@ -36,6 +37,18 @@ def parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check a topology file and print the resolved mesh")
     _topology_args(validate)
 
+    bench = sub.add_parser("bench", help="measure the mesh per mode and link delay beside a "
+                           "single-process reference and torch's GPipe pipeline")
+    _topology_args(bench)
+    bench.add_argument("--modes", default="backprop,dni,cdni", help="comma-separated modes")
+    bench.add_argument("--delays", default="0,2ms,10ms,50ms",
+                       help="comma-separated link delays per message (ms, or with an s suffix)")
+    bench.add_argument("--target", type=float, default=0.9, help="test accuracy to time")
+    bench.add_argument("--microbatches", type=int, default=4, help="GPipe microbatches per batch")
+    bench.add_argument("--json", type=Path, help="write the report as JSON here")
+    bench.add_argument("--plot", type=Path, help="write the plots here (PNG; needs matplotlib)")
+    bench.add_argument("--run-dir", type=Path, help="folder for every run (default runs/bench-TIME)")
+
     node = sub.add_parser("node", help="run one node (one per machine or process)")
     _topology_args(node)
     node.add_argument("--name", required=True, help="the node to run")
@@ -67,9 +80,12 @@ def main(argv: list[str] | None = None) -> int:
         return run_node(topology, args.name, args.control, args.run_dir, args.kernel_bandwidth)
     from dni_mesh.launch import Interrupted, NodeFailed, run
     from dni_mesh.netns import NetnsError, Network
-    options = dict(run_dir=args.run_dir, summary_path=args.summary, live=not args.no_live,
-                   topology=topology)
     try:
+        if args.command == "bench":
+            from dni_mesh.bench import bench_main
+            return bench_main(args)
+        options = dict(run_dir=args.run_dir, summary_path=args.summary, live=not args.no_live,
+                       topology=topology)
         if args.hosts == "netns":
             with Network(topology) as network:
                 run(topology.path, args.overrides, wrap=network.wrap,

@@ -1,0 +1,204 @@
+"""The peer a user would pick instead of the mesh: PyTorch's own pipeline, GPipe on gloo.
+
+`torch.distributed.pipelining` with `ScheduleGPipe` trains the same chain of stages as the mesh,
+one process per stage over gloo on tcp loopback, with the same modules, seeds, optimizers and
+batches (every stage is built by `dni_mesh.build.build_stage`). It is synchronous backprop: each
+batch is cut into microbatches, all of them flow forward, then all backward, then every stage
+steps its optimizer. The mesh's benchmark runs it beside the mesh as the honest baseline.
+
+What differs from the mesh, and why:
+- The first stage reads the data and sends each batch's labels to the last stage, which owns
+  the loss. Stages are given their microbatch shapes up front (gloo hangs in the pipeline's
+  shape inference), so a final partial training batch is skipped.
+- Batch norm sees microbatches, not whole batches.
+- Evaluation runs forward through the same stage processes with plain gloo send and recv:
+  `ScheduleGPipe.eval` after training breaks on gloo in torch 2.13 (a message size mismatch in
+  its train/eval warm-up). The last test batch is padded; the padding is not counted.
+- The mesh's link emulation lives in its own transport: it cannot delay gloo's sockets, and
+  the kernel has no `tc netem`, so this peer only runs without added delay.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+
+from dni_mesh.build import build_source, build_stage, chain_config, shapes
+from dni_mesh.node import TrainClock
+from dni_mesh.topology import Topology, load_topology
+from dni_mesh.transport import free_tcp_port
+
+LABEL_TAG, EVAL_TAG = 77, 78  # tags of their own keep these apart from the pipeline's traffic
+TIMEOUT = timedelta(seconds=120)  # a stuck collective fails the run instead of hanging it
+
+
+@dataclass
+class GPipeResult:
+    """What the last stage measured; times are seconds since `run_gpipe` was called."""
+    samples_per_s: float
+    test_accuracy: float
+    evals: list[tuple[float, float]]  # (time, test accuracy) after each evaluation pass
+    stages: int
+    microbatches: int
+    trained_samples: int
+    wall_s: float = 0.0
+    losses: list[float] = field(default_factory=list)
+
+
+def stage_names(topology: Topology) -> list[str]:
+    """The chain's stages in order (the source excluded); refuses anything but a chain."""
+    return [node.name for node in chain_config(topology).nodes]
+
+
+def run_gpipe(topology_path: str | Path, overrides: Sequence[str], out_dir: Path,
+              microbatches: int = 4) -> GPipeResult:
+    """Train the topology's chain with GPipe, one spawned process per stage; evaluate as the
+    topology's `eval_every` says. Raises when a stage process fails."""
+    topology = load_topology(topology_path, overrides)
+    if topology.data.batch_size % microbatches:
+        raise ValueError(f"batch_size {topology.data.batch_size} does not split into "
+                         f"{microbatches} equal microbatches")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stages = len(stage_names(topology))
+    started = time.monotonic()  # CLOCK_MONOTONIC is system-wide: the stages measure from it too
+    mp.spawn(_stage_process, nprocs=stages, join=True,
+             args=(str(topology.path), list(overrides), free_tcp_port(), microbatches, started,
+                   str(out_dir)))
+    result = GPipeResult(**json.loads((out_dir / "gpipe.json").read_text()))
+    result.wall_s = time.monotonic() - started
+    return result
+
+
+def _stage_process(rank: int, path: str, overrides: list[str], port: int, microbatches: int,
+                   started: float, out_dir: str) -> None:
+    topology = load_topology(path, [*overrides, "mode=backprop"])
+    names = stage_names(topology)
+    torch.set_num_threads(topology.nodes[names[rank]].threads)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=len(names), timeout=TIMEOUT)
+    try:
+        result = _GPipeStage(topology, names, rank, microbatches, started).train()
+        if result is not None:
+            (Path(out_dir) / "gpipe.json").write_text(json.dumps(asdict(result)) + "\n")
+    finally:
+        dist.destroy_process_group()
+
+
+class _GPipeStage:
+    """One rank's part of the pipeline: its module, optimizer and schedule."""
+
+    def __init__(self, topology: Topology, names: list[str], rank: int, microbatches: int,
+                 started: float):
+        self.topology = topology
+        self.rank = rank
+        self.stages = len(names)
+        self.first, self.last = rank == 0, rank == self.stages - 1
+        self.stage = build_stage(topology, names[rank])
+        self.module = self.stage.module
+        self.batch_size = topology.data.batch_size
+        out, num_classes = shapes(topology)
+        chain = [topology.source, *names]
+        self.input_shape = out[chain[rank]]
+        output_shape = (num_classes,) if self.last else out[names[rank]]
+        size = self.batch_size // microbatches
+        pipe = PipelineStage(self.module, rank, self.stages, torch.device("cpu"),
+                             input_args=torch.zeros(size, *self.input_shape),
+                             output_args=torch.zeros(size, *output_shape))
+        self.schedule = ScheduleGPipe(pipe, microbatches,
+                                      loss_fn=F.cross_entropy if self.last else None)
+        self.microbatches = microbatches
+        self.started = started
+
+    def train(self) -> GPipeResult | None:
+        """The training loop every rank runs in step; the last rank returns the result."""
+        data = self.topology.data
+        train = build_source(self.topology, "train") if self.first else None
+        test = build_source(self.topology, "test") if self.first else None
+        steps, test_batches = self.plan(train, test)
+        clock = TrainClock()
+        evals: list[tuple[float, float]] = []
+        losses: list[float] = []
+        for epoch in range(data.epochs):
+            batches = iter(train.iterate(epoch)) if self.first else None
+            for _ in range(steps):
+                clock.tick(self.batch_size)
+                losses.append(self.train_step(next(batches) if self.first else None))
+            if epoch + 1 == data.epochs or (data.eval_every and (epoch + 1) % data.eval_every == 0):
+                eval_start = time.monotonic()
+                accuracy = self.evaluate(iter(test) if self.first else None, test_batches)
+                clock.pause(time.monotonic() - eval_start)
+                evals.append((round(time.monotonic() - self.started, 4), accuracy))
+        if not self.last:
+            return None
+        return GPipeResult(samples_per_s=clock.rate(), test_accuracy=evals[-1][1], evals=evals,
+                           stages=self.stages, microbatches=self.microbatches,
+                           trained_samples=data.epochs * steps * self.batch_size, losses=losses)
+
+    def plan(self, train, test) -> tuple[int, int]:
+        """Training steps per epoch (full batches only) and test batches, sent by the first rank."""
+        plan = torch.zeros(2, dtype=torch.int64)
+        if self.first:
+            full = len(train.y) // self.batch_size
+            limit = self.topology.data.limit
+            plan[:] = torch.tensor([min(full, limit or full), len(test)])
+        dist.broadcast(plan, src=0)
+        return int(plan[0]), int(plan[1])
+
+    def labels(self, y: torch.Tensor | None) -> torch.Tensor | None:
+        """Ship a batch's labels from the first rank to the last (which needs them for the loss)."""
+        last = self.stages - 1
+        if self.first and self.last:
+            return y
+        if self.first:
+            dist.send(y, dst=last, tag=LABEL_TAG)
+        elif self.last:
+            y = torch.empty(self.batch_size, dtype=torch.int64)
+            dist.recv(y, src=0, tag=LABEL_TAG)
+        return y
+
+    def train_step(self, batch: tuple[torch.Tensor, torch.Tensor] | None) -> float | None:
+        x, y = batch if batch is not None else (None, None)
+        y = self.labels(y)
+        self.module.train()
+        self.stage.optimizer.zero_grad(set_to_none=True)
+        losses: list[torch.Tensor] = []
+        self.schedule.step(*self.inputs(x), **(dict(target=y, losses=losses) if self.last else {}))
+        self.stage.optimizer.step()
+        return float(torch.stack(losses).detach().mean()) if losses else None
+
+    def inputs(self, x: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        return (x,) if self.first else ()
+
+    def evaluate(self, batches, count: int) -> float:
+        """Test accuracy, forward only, one batch at a time through every stage."""
+        self.module.eval()
+        correct = total = 0
+        with torch.no_grad():
+            for _ in range(count):
+                x = y = None
+                if self.first:
+                    x, y = next(batches)
+                    pad = self.batch_size - len(y)
+                    x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
+                    y = torch.cat([y, y.new_full((pad,), -1)])  # -1: padding, never correct
+                y = self.labels(y)  # before the activations: gloo's send waits for its recv
+                if not self.first:
+                    x = torch.empty(self.batch_size, *self.input_shape)
+                    dist.recv(x, src=self.rank - 1, tag=EVAL_TAG)
+                out = self.module(x)
+                if self.last:
+                    correct += int((out.argmax(dim=1) == y).sum())
+                    total += int((y >= 0).sum())
+                else:
+                    dist.send(out.contiguous(), dst=self.rank + 1, tag=EVAL_TAG)
+        return correct / max(total, 1)
