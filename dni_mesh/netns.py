@@ -76,7 +76,7 @@ def plan(topology: Topology, pid: int) -> Plan:
             address = ipaddress.IPv4Address(host.address)
         except ValueError:
             raise NetnsError(f"host {name!r}: address {host.address!r} is not an IPv4 address "
-                             "(--hosts netns gives each host the address the topology names)") from None
+                             "(each namespace gets the address the topology names)") from None
         if not address.is_private or address.is_loopback or address.is_link_local:
             raise NetnsError(f"host {name!r}: {address} is not a private, non-loopback address "
                              "(use a test subnet such as 10.77.0.0/24)")
@@ -208,7 +208,8 @@ class Network:
             ns = p.namespace(host)
             _ip("netns", "add", ns)
             _ip("-n", ns, "link", "set", "lo", "up")
-            _ip("-n", bridge, "link", "add", f"h{i}", "type", "veth", "peer", "name", "eth0", "netns", ns)
+            _ip("-n", bridge, "link", "add", f"h{i}", "type", "veth",
+                "peer", "name", "eth0", "netns", ns)
             _ip("-n", bridge, "link", "set", f"h{i}", "master", "br0", "up")
             _ip("-n", ns, "addr", "add", f"{address}/{PREFIX_LEN}", "dev", "eth0")
             _ip("-n", ns, "link", "set", "eth0", "up")
