@@ -7,6 +7,9 @@ For each tensor size the sender (this process) streams messages to a receiver pr
   mesh: wire.encode + Peer.send -> Inbox.recv + wire.decode into a torch tensor, one element read.
 Raw and mesh trials alternate (in alternating order) so that load from other processes hits both
 alike; the reported ratio is the median of the per-repeat mesh/raw ratios, rates are medians.
+On a shared machine wall-clock ratios swing by tens of percent, so each row also gives the CPU time
+both processes (all threads, libzmq's I/O threads included) spend per message, and `cpu_ratio`,
+raw CPU / mesh CPU: the throughput ratio to expect wherever CPU is what limits.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 import torch
@@ -50,6 +54,7 @@ def _receiver(conn: Connection) -> None:
         conn.send((raw.getsockopt_string(zmq.LAST_ENDPOINT), inbox.address))
         while (command := conn.recv()) is not None:
             mode, count = command
+            cpu = time.process_time()
             for _ in range(count):
                 if mode == "raw":
                     raw.recv_multipart(copy=False)
@@ -58,21 +63,27 @@ def _receiver(conn: Connection) -> None:
                 if envelope is None:
                     raise TimeoutError("mesh receiver: no message")
                 float(envelope.message.h[-1])  # the tensor is usable
-            conn.send(count)
+            conn.send(time.process_time() - cpu)
     raw.close()
     context.term()
 
 
-def _rate(conn: Connection, mode: str, count: int, send: Callable[[int], object]) -> float:
-    """Messages per second for `count` sends, from the first send until the receiver has all."""
+@dataclass(frozen=True)
+class Trial:
+    msgs_per_s: float  # from the first send until the receiver has every message
+    cpu_us_per_msg: float  # sender and receiver processes together
+
+
+def _trial(conn: Connection, mode: str, count: int, send: Callable[[int], object]) -> Trial:
     conn.send((mode, count))
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for seq in range(count):
         send(seq)
     if not conn.poll(WAIT_MS / 1000):
         raise TimeoutError(f"{mode} receiver did not finish")
-    conn.recv()
-    return count / (time.perf_counter() - start)
+    receiver_cpu = conn.recv()
+    wall, sender_cpu = time.perf_counter() - start, time.process_time() - cpu
+    return Trial(count / wall, (sender_cpu + receiver_cpu) / count * 1e6)
 
 
 def measure(sizes: tuple[int, ...], repeats: int, seconds: float) -> list[dict[str, float]]:
@@ -96,21 +107,25 @@ def measure(sizes: tuple[int, ...], repeats: int, seconds: float) -> list[dict[s
                 "mesh": lambda seq: peer.send(wire.Activation("bench", seq, tensor)),
             }
             warmup = max(20, (64 << 20) // size)
-            rates = {mode: _rate(conn, mode, warmup, send) for mode, send in paths.items()}
-            count = max(20, int(rates["raw"] * seconds))
+            warm = {mode: _trial(conn, mode, warmup, send) for mode, send in paths.items()}
+            count = max(20, int(warm["raw"].msgs_per_s * seconds))
             trials = []
             for repeat in range(repeats):  # alternate which path goes first, against drift in load
                 order = sorted(paths, reverse=repeat % 2 == 1)
-                trials.append({mode: _rate(conn, mode, count, paths[mode]) for mode in order})
-            raw_rate = statistics.median(t["raw"] for t in trials)
-            mesh_rate = statistics.median(t["mesh"] for t in trials)
+                trials.append({mode: _trial(conn, mode, count, paths[mode]) for mode in order})
+            raw_rate = statistics.median(t["raw"].msgs_per_s for t in trials)
+            mesh_rate = statistics.median(t["mesh"].msgs_per_s for t in trials)
             rows.append({
                 "size_bytes": size,
                 "raw_msgs_per_s": raw_rate,
                 "mesh_msgs_per_s": mesh_rate,
                 "raw_gbps": raw_rate * size / 1e9,
                 "mesh_gbps": mesh_rate * size / 1e9,
-                "ratio": statistics.median(t["mesh"] / t["raw"] for t in trials),
+                "ratio": statistics.median(t["mesh"].msgs_per_s / t["raw"].msgs_per_s for t in trials),
+                "raw_cpu_us_per_msg": statistics.median(t["raw"].cpu_us_per_msg for t in trials),
+                "mesh_cpu_us_per_msg": statistics.median(t["mesh"].cpu_us_per_msg for t in trials),
+                "cpu_ratio": statistics.median(t["raw"].cpu_us_per_msg / t["mesh"].cpu_us_per_msg
+                                               for t in trials),
             })
             print(_format(rows[-1]), flush=True)
     conn.send(None)
@@ -133,14 +148,16 @@ def machine() -> dict[str, object]:
     }
 
 
-HEADER = f"{'size':>8} {'raw msg/s':>10} {'raw GB/s':>9} {'mesh msg/s':>11} {'mesh GB/s':>10} {'ratio':>6}"
+HEADER = (f"{'size':>8} {'raw msg/s':>10} {'raw GB/s':>9} {'mesh msg/s':>11} {'mesh GB/s':>10} {'ratio':>6}"
+          f" {'raw CPU us':>11} {'mesh CPU us':>12} {'cpu ratio':>10}")
 
 
 def _format(row: dict[str, float]) -> str:
     size = row["size_bytes"]
     label = f"{size >> 20} MB" if size >= 1 << 20 else f"{size >> 10} KB"
     return (f"{label:>8} {row['raw_msgs_per_s']:>10.0f} {row['raw_gbps']:>9.2f} "
-            f"{row['mesh_msgs_per_s']:>11.0f} {row['mesh_gbps']:>10.2f} {row['ratio']:>6.2f}")
+            f"{row['mesh_msgs_per_s']:>11.0f} {row['mesh_gbps']:>10.2f} {row['ratio']:>6.2f} "
+            f"{row['raw_cpu_us_per_msg']:>11.0f} {row['mesh_cpu_us_per_msg']:>12.0f} {row['cpu_ratio']:>10.2f}")
 
 
 def main() -> None:
