@@ -1,6 +1,7 @@
-"""Transport tests on real sockets: loopback tcp and ipc, real processes, no sleeps.
+"""Transport tests on real sockets: loopback tcp and ipc, real processes.
 
-Every wait has a timeout, so a hang fails the test instead of stalling the suite.
+No sleep stands in for synchronisation (one test pauses on purpose: the pause is what it tests),
+and every wait has a timeout, so a hang fails the test instead of stalling the suite.
 """
 
 from __future__ import annotations
