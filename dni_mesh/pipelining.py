@@ -8,12 +8,11 @@ steps its optimizer. The mesh's benchmark runs it beside the mesh as the honest 
 
 What differs from the mesh, and why:
 - The first stage reads the data and sends each batch's labels to the last stage, which owns
-  the loss. Stages are given their microbatch shapes up front (gloo hangs in the pipeline's
-  shape inference), so a final partial training batch is skipped.
+  the loss. Microbatch shapes are fixed up front, so a final partial training batch is skipped.
 - Batch norm sees microbatches, not whole batches.
-- Evaluation runs forward through the same stage processes with plain gloo send and recv:
-  `ScheduleGPipe.eval` after training breaks on gloo in torch 2.13 (a message size mismatch in
-  its train/eval warm-up). The last test batch is padded; the padding is not counted.
+- Evaluation runs forward through the same stage processes with plain gloo send and recv, one
+  batch at a time: `ScheduleGPipe.eval` returns NaN logits on gloo with three or more stages
+  in torch 2.13. The last test batch is padded; the padding is not counted.
 - The mesh's link emulation lives in its own transport: it cannot delay gloo's sockets, and
   the kernel has no `tc netem`, so this peer only runs without added delay.
 """
@@ -39,6 +38,7 @@ from dni_mesh.topology import Topology, load_topology
 from dni_mesh.transport import free_tcp_port
 
 LABEL_TAG, EVAL_TAG = 77, 78  # tags of their own keep these apart from the pipeline's traffic
+PADDING = -1  # the label of a padded test sample: never counted
 TIMEOUT = timedelta(seconds=120)  # a stuck collective fails the run instead of hanging it
 
 
@@ -107,15 +107,17 @@ class _GPipeStage:
         self.module = self.stage.module
         self.batch_size = topology.data.batch_size
         out, num_classes = shapes(topology)
-        chain = [topology.source, *names]
-        self.input_shape = out[chain[rank]]
-        output_shape = (num_classes,) if self.last else out[names[rank]]
+        self.input_shape = out[[topology.source, *names][rank]]
         size = self.batch_size // microbatches
-        pipe = PipelineStage(self.module, rank, self.stages, torch.device("cpu"),
-                             input_args=torch.zeros(size, *self.input_shape),
-                             output_args=torch.zeros(size, *output_shape))
-        self.schedule = ScheduleGPipe(pipe, microbatches,
-                                      loss_fn=F.cross_entropy if self.last else None)
+        # Shapes given up front: inferring them runs the module on an uninitialised buffer,
+        # which puts NaN into the running statistics of batch norm.
+        pipe = PipelineStage(
+            self.module, rank, self.stages, torch.device("cpu"),
+            input_args=torch.zeros(size, *self.input_shape, requires_grad=not self.first),
+            output_args=torch.zeros(size, *(out[names[rank]] if not self.last else (num_classes,)),
+                                    requires_grad=True))
+        # Every rank needs the loss function: without one a schedule runs forward only.
+        self.schedule = ScheduleGPipe(pipe, microbatches, loss_fn=F.cross_entropy)
         self.microbatches = microbatches
         self.started = started
 
@@ -190,7 +192,7 @@ class _GPipeStage:
                     x, y = next(batches)
                     pad = self.batch_size - len(y)
                     x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
-                    y = torch.cat([y, y.new_full((pad,), -1)])  # -1: padding, never correct
+                    y = torch.cat([y, y.new_full((pad,), PADDING)])
                 y = self.labels(y)  # before the activations: gloo's send waits for its recv
                 if not self.first:
                     x = torch.empty(self.batch_size, *self.input_shape)
@@ -198,7 +200,7 @@ class _GPipeStage:
                 out = self.module(x)
                 if self.last:
                     correct += int((out.argmax(dim=1) == y).sum())
-                    total += int((y >= 0).sum())
+                    total += int((y != PADDING).sum())
                 else:
                     dist.send(out.contiguous(), dst=self.rank + 1, tag=EVAL_TAG)
         return correct / max(total, 1)
