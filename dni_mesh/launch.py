@@ -24,7 +24,7 @@ import zmq
 from dni_mesh import wire
 from dni_mesh.live import LiveView
 from dni_mesh.topology import Topology, load_topology
-from dni_mesh.transport import Inbox, Peer
+from dni_mesh.transport import Inbox, Peer, PeerTimeout, TransportConfig
 
 STOP_GRACE_S = 3.0
 
@@ -84,7 +84,9 @@ class Launcher:
         self.run_dir = run_dir
         self.wrap = wrap
         self.context = zmq.Context()
-        self.inbox = Inbox(f"tcp://{control_host}:0", "launcher", context=self.context)
+        # Linger 0: the launcher only answers Ends, and closes once every node has exited.
+        self.inbox = Inbox(f"tcp://{control_host}:0", "launcher", TransportConfig(linger_ms=0),
+                           self.context)
         self.nodes: dict[str, NodeProcess] = {}
         self.ended: set[str] = set()
         self.view = LiveView(topology, enabled=live)
@@ -150,13 +152,14 @@ class Launcher:
     def stop(self, reason: str) -> None:
         """Ask every live node to stop, then kill whatever is left after the grace period."""
         live = [n for n in self.nodes.values() if n.process.poll() is None]
+        # Stop is best effort: never wait long for room, never linger on a node that is gone.
+        config = TransportConfig(block_timeout_ms=200, linger_ms=0)
         peers = []
         for node in live:
-            peer = Peer(self.topology.nodes[node.name].address, "launcher", context=self.context)
-            peer.config.block_timeout_ms = 200
+            peer = Peer(self.topology.nodes[node.name].address, "launcher", config, self.context)
             try:
                 peer.send(wire.Stop(node.name, reason))
-            except Exception:
+            except PeerTimeout:
                 pass  # a node too busy to take Stop is killed below
             peers.append(peer)
         deadline = time.monotonic() + STOP_GRACE_S
