@@ -163,11 +163,10 @@ class Launcher:
                 pass  # a node too busy to take Stop is killed below
             peers.append(peer)
         deadline = time.monotonic() + STOP_GRACE_S
-        for node in live:
-            try:
-                node.process.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
+        while time.monotonic() < deadline and any(n.process.poll() is None for n in live):
+            envelope = self.inbox.recv(50)  # a stopping node waits for the ack of its End
+            if envelope is not None:
+                self.take(envelope.peer, envelope.message)
         for node in self.nodes.values():
             if node.process.poll() is None:
                 os.killpg(node.process.pid, signal.SIGKILL)
