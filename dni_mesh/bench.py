@@ -1,27 +1,34 @@
 """`dni-mesh bench`: the mesh side by side with its ceiling and with the pipeline a user would pick.
 
 For every (mode, link delay) pair it runs the whole mesh on the same topology, stages and data,
-changing only `mode` and `links.default.delay_ms`. Beside those runs, in the same process and
-on the same machine (so ratios between rows are fair even when absolute numbers are noisy):
+changing only `mode` and `links.default.delay_ms`. Beside those runs, on the same machine in the
+same command (so ratios between rows are fair even when absolute numbers are noisy):
 - `reference`: the single-process chain trainer, one row per mode: no network at all, the
   ceiling the mesh's messaging overhead is measured against;
 - `pipelining-gpipe`: torch.distributed.pipelining's GPipe over gloo, one process per stage.
   The link emulation is the mesh's own transport: it cannot delay gloo's sockets (and the
   kernel has no `tc netem`), so this row exists at delay 0 only.
 
-Every row has samples/s (training only, from the second batch on, evaluation passes taken out,
-as the head's TrainClock counts them), final test accuracy, wall time, and the time at which
-test accuracy first reached the target, counted from the start of that row's run.
+Samples/s is the steady-state training rate at the loss: the samples after the first batch over
+the time from the first training step's end to the last's, on the head (or last stage). The
+evaluation passes in that span count as time: the unlocked mesh keeps training upstream while
+the head evaluates, so taking them out would count that work without its time. Time to target
+is the first evaluation at or above the target accuracy, from the start of that run (process
+start-up included). With `repeat` > 1 the whole grid runs again, round-robin, and the summary
+takes medians, because a shared machine's load moves between runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
+import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,12 +36,10 @@ import torch
 
 from dni_mesh.build import build_source, chain_config
 from dni_mesh.launch import run
-from dni_mesh.node import TrainClock
 from dni_mesh.pipelining import run_gpipe
 from dni_mesh.reference import ChainTrainer
 from dni_mesh.topology import Topology, TopologyError, load_topology
 
-SYSTEMS = ("mesh", "reference", "pipelining-gpipe")
 NO_DELAY_NOTE = ("gloo's traffic bypasses the mesh's link emulation (and the kernel has no tc "
                  "netem): measured at delay 0 only")
 
@@ -42,7 +47,7 @@ NO_DELAY_NOTE = ("gloo's traffic bypasses the mesh's link emulation (and the ker
 @dataclass
 class Row:
     """One measured run. evals: (seconds since the run started, test accuracy) per evaluation."""
-    system: str
+    system: str  # "mesh" | "reference" | "pipelining-gpipe"
     mode: str
     delay_ms: float
     samples_per_s: float | None
@@ -50,6 +55,7 @@ class Row:
     wall_s: float
     time_to_target_s: float | None
     evals: list[tuple[float, float]]
+    repeat: int = 0
     run_dir: str | None = None
     note: str = ""
 
@@ -63,6 +69,7 @@ class BenchConfig:
     overrides: list[str] = field(default_factory=list)
     target: float = 0.9
     microbatches: int = 4
+    repeat: int = 1
 
 
 def parse_delay(text: str) -> float:
@@ -81,6 +88,12 @@ def parse_delay(text: str) -> float:
     return value
 
 
+def steady_rate(step_ends: list[float], samples: int, first_batch: int) -> float | None:
+    """Samples after the first batch over the time from the first step's end to the last's."""
+    span = step_ends[-1] - step_ends[0] if len(step_ends) > 1 else 0.0
+    return (samples - first_batch) / span if span > 0 else None
+
+
 def time_to_target(evals: list[tuple[float, float]], target: float) -> float | None:
     return next((t for t, accuracy in evals if accuracy >= target), None)
 
@@ -91,83 +104,130 @@ def eval_due(topology: Topology, epoch: int) -> bool:
     return epoch == data.epochs or bool(data.eval_every and epoch % data.eval_every == 0)
 
 
-def mesh_row(config: BenchConfig, mode: str, delay_ms: float) -> Row:
-    """Run the whole mesh once. Head records carry seconds since the head's own start; the
-    launcher's wall time minus the head's last record is the start-up before it (estimated to
-    within the head's exit time, a fraction of a second), so the two add up to run time."""
+def mesh_row(config: BenchConfig, mode: str, delay_ms: float, repeat: int) -> Row:
+    """Run the whole mesh once and read its head's records.
+
+    Head records carry seconds since the head's own start. The launcher's wall time minus the
+    head's last record is the start-up before it (overestimated by the head's exit, a fraction of
+    a second), so the two add up to seconds since the run started.
+    """
     overrides = [*config.overrides, f"mode={mode}", f"links.default.delay_ms={delay_ms:g}"]
-    run_dir = config.run_dir / f"mesh-{mode}-{delay_ms:g}ms"
-    summary = run(config.topology, overrides, run_dir=run_dir, live=False)
-    head = load_topology(config.topology, overrides).heads[0]
+    topology = load_topology(config.topology, overrides)
+    run_dir = config.run_dir / f"mesh-{mode}-{delay_ms:g}ms-{repeat}"
+    summary = run(config.topology, overrides, run_dir=run_dir, live=False, topology=topology)
+    head = topology.heads[0]
     records = [json.loads(line) for line in (run_dir / f"{head}.jsonl").read_text().splitlines()]
     offset = summary["wall_s"] - records[-1]["time"]
     evals = [(round(offset + r["time"], 3), r["test_accuracy"]) for r in records
              if r.get("event") == "eval"]
-    return Row("mesh", mode, delay_ms, summary["train_samples_per_s"], summary["test_accuracy"],
-               summary["wall_s"], time_to_target(evals, config.target), evals, str(run_dir))
+    steps = [r["time"] for r in records if r.get("event") == "step"]
+    rate = steady_rate(steps, records[-1]["samples"], topology.data.batch_size)
+    return Row("mesh", mode, delay_ms, rate, summary["test_accuracy"], summary["wall_s"],
+               time_to_target(evals, config.target), evals, repeat, str(run_dir))
 
 
-def reference_row(config: BenchConfig, mode: str) -> Row:
+def reference_row(config: BenchConfig, mode: str, repeat: int) -> Row:
     """The single-process chain trainer on the same batches, one batch in flight."""
     topology = load_topology(config.topology, [*config.overrides, f"mode={mode}"])
     started = time.monotonic()
     trainer = ChainTrainer(chain_config(topology))
     train, test = build_source(topology, "train"), build_source(topology, "test")
-    clock, evals = TrainClock(), []
+    step_ends, evals, samples = [], [], 0
     for epoch in range(1, topology.data.epochs + 1):
         for batch, (x, y) in enumerate(train.iterate(epoch - 1)):
             if topology.data.limit is not None and batch >= topology.data.limit:
                 break
-            clock.tick(len(y))
             trainer.step(x, y)
+            samples += len(y)
+            step_ends.append(time.monotonic() - started)
         if eval_due(topology, epoch):
-            eval_start = time.monotonic()
-            accuracy = trainer.evaluate(test).accuracy
-            clock.pause(time.monotonic() - eval_start)
-            evals.append((round(time.monotonic() - started, 3), accuracy))
-    return Row("reference", mode, 0.0, clock.rate(), evals[-1][1],
-               round(time.monotonic() - started, 3), time_to_target(evals, config.target), evals,
+            evals.append((round(time.monotonic() - started, 3), trainer.evaluate(test).accuracy))
+    return Row("reference", mode, 0.0, steady_rate(step_ends, samples, topology.data.batch_size),
+               evals[-1][1], round(time.monotonic() - started, 3),
+               time_to_target(evals, config.target), evals, repeat,
                note="one process, no network: the ceiling")
 
 
-def gpipe_row(config: BenchConfig) -> Row:
-    run_dir = config.run_dir / "pipelining-gpipe"
+def gpipe_row(config: BenchConfig, repeat: int) -> Row:
+    run_dir = config.run_dir / f"pipelining-gpipe-{repeat}"
     result = run_gpipe(config.topology, config.overrides, run_dir, config.microbatches)
-    return Row("pipelining-gpipe", "backprop", 0.0, result.samples_per_s, result.test_accuracy,
+    samples = len(result.step_ends) * result.batch_size
+    return Row("pipelining-gpipe", "backprop", 0.0,
+               steady_rate(result.step_ends, samples, result.batch_size), result.test_accuracy,
                round(result.wall_s, 3), time_to_target(result.evals, config.target),
-               result.evals, str(run_dir),
+               result.evals, repeat, str(run_dir),
                note=f"{result.stages} stages, {result.microbatches} microbatches; {NO_DELAY_NOTE}")
 
 
-def run_bench(config: BenchConfig, progress=print) -> dict:
-    """Every mesh (mode, delay) pair, then the reference rows and the GPipe row when the
-    topology is a chain (they need one); returns the report that `--json` writes."""
-    rows: list[Row] = []
-    notes: list[str] = []
-    for mode in config.modes:
-        for delay in config.delays_ms:
-            progress(f"bench: mesh, mode {mode}, delay {delay:g} ms")
-            rows.append(mesh_row(config, mode, delay))
+def run_bench(config: BenchConfig, progress: Callable[[str], None] = print) -> dict:
+    """The whole grid `repeat` times: each delay's modes back to back (so the ratios between
+    modes come from neighbouring runs), then the reference rows and the GPipe row when the
+    topology is a chain (they need one). Returns the report that `--json` writes."""
     topology = load_topology(config.topology, config.overrides)
     try:
         chain_config(topology)
+        peers, notes = True, [f"pipelining-gpipe: {NO_DELAY_NOTE}"]
     except ValueError as error:
-        notes.append(f"no reference or pipelining rows: {error}")
-    else:
+        peers, notes = False, [f"no reference or pipelining rows: {error}"]
+    rows: list[Row] = []
+    for repeat in range(config.repeat):
+        for delay in config.delays_ms:
+            for mode in config.modes:
+                progress(f"bench {repeat + 1}/{config.repeat}: mesh, mode {mode}, delay {delay:g} ms")
+                rows.append(mesh_row(config, mode, delay, repeat))
+        if not peers:
+            continue
         threads = torch.get_num_threads()
         torch.set_num_threads(topology.nodes[topology.heads[0]].threads)  # as much as one node
         try:
             for mode in config.modes:
-                progress(f"bench: reference, mode {mode}")
-                rows.append(reference_row(config, mode))
+                progress(f"bench {repeat + 1}/{config.repeat}: reference, mode {mode}")
+                rows.append(reference_row(config, mode, repeat))
         finally:
             torch.set_num_threads(threads)
-        progress(f"bench: pipelining-gpipe ({config.microbatches} microbatches)")
-        rows.append(gpipe_row(config))
-    notes.append(f"pipelining-gpipe: {NO_DELAY_NOTE}")
+        progress(f"bench {repeat + 1}/{config.repeat}: pipelining-gpipe "
+                 f"({config.microbatches} microbatches)")
+        rows.append(gpipe_row(config, repeat))
     return {"topology": str(config.topology), "overrides": config.overrides,
-            "target": config.target, "microbatches": config.microbatches, "machine": machine(),
+            "target": config.target, "microbatches": config.microbatches,
+            "repeat": config.repeat, "machine": machine(), "summary": summarise(rows),
             "rows": [asdict(row) for row in rows], "notes": notes}
+
+
+def summarise(rows: list[Row]) -> list[dict]:
+    """One line per (system, mode, delay): medians over the repeats, the spread of samples/s, and
+    the rate relative to the same mode at delay 0 and to the locked mesh at the same delay."""
+    groups: dict[tuple[str, str, float], list[Row]] = {}
+    for row in rows:
+        groups.setdefault((row.system, row.mode, row.delay_ms), []).append(row)
+    lines = []
+    for (system, mode, delay), runs in groups.items():
+        rates = [r.samples_per_s for r in runs if r.samples_per_s is not None]
+        lines.append({
+            "system": system, "mode": mode, "delay_ms": delay, "runs": len(runs),
+            "samples_per_s": statistics.median(rates) if rates else None,
+            "samples_per_s_min": min(rates, default=None),
+            "samples_per_s_max": max(rates, default=None),
+            "test_accuracy": statistics.median(r.test_accuracy for r in runs),
+            "wall_s": statistics.median(r.wall_s for r in runs),
+            "time_to_target_s": _median_time([r.time_to_target_s for r in runs])})
+    rate = {(s["system"], s["mode"], s["delay_ms"]): s["samples_per_s"] for s in lines}
+    for s in lines:
+        s["vs_delay_0"] = _ratio(s["samples_per_s"], rate.get((s["system"], s["mode"], 0.0)))
+        s["vs_backprop"] = (_ratio(s["samples_per_s"], rate.get(("mesh", "backprop", s["delay_ms"])))
+                            if s["system"] == "mesh" else None)
+    return lines
+
+
+def _median_time(times: list[float | None]) -> float | None:
+    """The lower median, a run that never reached the target counting as the slowest."""
+    ordered = sorted(math.inf if t is None else t for t in times)
+    middle = ordered[(len(ordered) - 1) // 2]
+    return None if middle == math.inf else middle
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
 
 
 def machine() -> dict:
@@ -177,14 +237,17 @@ def machine() -> dict:
 
 
 def table(report: dict) -> str:
-    """The rows as a fixed-width text table."""
-    header = ("system", "mode", "delay ms", "samples/s", "test acc", "wall s",
-              f"s to {report['target']:g}")
+    """The summary as a fixed-width text table."""
+    header = ("system", "mode", "delay ms", "samples/s", "min-max", "vs 0 ms", "vs backprop",
+              "test acc", "wall s", f"s to {report['target']:g}")
     lines = [header]
-    for r in report["rows"]:
-        lines.append((r["system"], r["mode"], f"{r['delay_ms']:g}", _num(r["samples_per_s"], ".0f"),
-                      _num(r["test_accuracy"], ".4f"), _num(r["wall_s"], ".1f"),
-                      _num(r["time_to_target_s"], ".1f")))
+    for s in report["summary"]:
+        spread = (f"{s['samples_per_s_min']:.0f}-{s['samples_per_s_max']:.0f}"
+                  if s["runs"] > 1 and s["samples_per_s"] is not None else "")
+        lines.append((s["system"], s["mode"], f"{s['delay_ms']:g}", _num(s["samples_per_s"], ".0f"),
+                      spread, _num(s["vs_delay_0"], ".2f"), _num(s["vs_backprop"], ".2f"),
+                      _num(s["test_accuracy"], ".4f"), _num(s["wall_s"], ".1f"),
+                      _num(s["time_to_target_s"], ".1f")))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(c.rjust(w) if i > 1 else c.ljust(w)
                                for i, (c, w) in enumerate(zip(line, widths))) for line in lines)
@@ -195,7 +258,8 @@ def _num(value: float | None, spec: str) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
-    """Samples/s against link delay, and test accuracy against wall time, side by side."""
+    """Samples/s against link delay (medians, min-max bars), and test accuracy against time
+    since the run started for the first repeat at no delay and at the largest delay."""
     try:
         import matplotlib
     except ModuleNotFoundError:
@@ -203,41 +267,47 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = report["rows"]
-    modes = list(dict.fromkeys(r["mode"] for r in rows if r["system"] == "mesh"))
+    summary = report["summary"]
+    modes = list(dict.fromkeys(s["mode"] for s in summary if s["system"] == "mesh"))
     colour = {mode: f"C{i}" for i, mode in enumerate(modes)}
-    delays = sorted({r["delay_ms"] for r in rows if r["system"] == "mesh"})
-    styles = dict(zip(delays, ["-", "--", "-.", ":"] * len(delays)))
+    delays = sorted({s["delay_ms"] for s in summary if s["system"] == "mesh"})
     fig, (speed, curve) = plt.subplots(1, 2, figsize=(13, 5))
     for mode in modes:
-        mesh = sorted((r for r in rows if r["system"] == "mesh" and r["mode"] == mode),
-                      key=lambda r: r["delay_ms"])
-        speed.plot([r["delay_ms"] for r in mesh], [r["samples_per_s"] for r in mesh], "o-",
-                   color=colour[mode], label=f"mesh {mode}")
-    for r in rows:
+        mesh = sorted((s for s in summary if s["system"] == "mesh" and s["mode"] == mode
+                       and s["samples_per_s"] is not None), key=lambda s: s["delay_ms"])
+        rates = [s["samples_per_s"] for s in mesh]
+        spread = [[r - s["samples_per_s_min"] for r, s in zip(rates, mesh)],
+                  [s["samples_per_s_max"] - r for r, s in zip(rates, mesh)]]
+        speed.errorbar([s["delay_ms"] for s in mesh], rates, yerr=spread, fmt="o-", capsize=3,
+                       color=colour[mode], label=f"mesh {mode}")
+    for s in summary:
+        if s["system"] == "reference" and s["samples_per_s"] is not None:
+            speed.axhline(s["samples_per_s"], color=colour.get(s["mode"], "k"), ls=":", lw=1,
+                          label=f"reference {s['mode']} (one process)")
+        elif s["system"] == "pipelining-gpipe" and s["samples_per_s"] is not None:
+            speed.plot([0], [s["samples_per_s"]], "k*", ms=12, label="GPipe on gloo (delay 0 only)")
+    shown = {delays[0], delays[-1]}
+    for r in report["rows"]:
+        if r["repeat"] or not r["evals"] or (r["system"] == "mesh" and r["delay_ms"] not in shown):
+            continue
+        times, accuracy = zip(*r["evals"])
         c = colour.get(r["mode"], "k")
-        if r["system"] == "reference":
-            speed.axhline(r["samples_per_s"], color=c, ls=":", lw=1,
-                          label=f"reference {r['mode']} (no network)")
-        elif r["system"] == "pipelining-gpipe":
-            speed.plot([0], [r["samples_per_s"]], "k*", ms=12, label="GPipe on gloo (delay 0 only)")
-        times, accuracy = zip(*r["evals"]) if r["evals"] else ((), ())
         if r["system"] == "mesh":
-            curve.plot(times, accuracy, styles[r["delay_ms"]], marker=".", color=c,
-                       label=f"mesh {r['mode']} {r['delay_ms']:g} ms")
+            curve.plot(times, accuracy, "-" if r["delay_ms"] == delays[0] else "--", marker=".",
+                       color=c, label=f"mesh {r['mode']} {r['delay_ms']:g} ms")
         elif r["system"] == "reference":
             curve.plot(times, accuracy, "s:", color=c, label=f"reference {r['mode']}")
         else:
             curve.plot(times, accuracy, "k*-", label="GPipe on gloo")
     speed.set_xscale("symlog", linthresh=1)
     speed.set_xticks(delays, [f"{d:g}" for d in delays])
-    speed.set(xlabel="link delay per message (ms)", ylabel="training samples/s",
+    speed.set(xlabel="link delay per message, each way (ms)", ylabel="training samples/s",
               title="throughput against link delay")
     curve.axhline(report["target"], color="grey", lw=0.5)
-    curve.set(xlabel="seconds since the run started", ylabel="test accuracy",
-              title="test accuracy against wall time")
+    curve.set(xlabel="seconds since the run started (process start-up included)",
+              ylabel="test accuracy", title="test accuracy against wall time")
     speed.legend(fontsize=7)
-    curve.legend(fontsize=6, ncol=2)
+    curve.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -250,6 +320,8 @@ def check(config: BenchConfig) -> None:
     if topology.data.batch_size % config.microbatches:
         raise ValueError(f"batch_size {topology.data.batch_size} does not split into "
                          f"--microbatches {config.microbatches} equal parts")
+    if config.repeat < 1:
+        raise ValueError(f"--repeat {config.repeat}: at least 1")
 
 
 def bench_main(args: argparse.Namespace) -> int:
@@ -260,7 +332,8 @@ def bench_main(args: argparse.Namespace) -> int:
             topology=Path(args.topology), modes=[m.strip() for m in args.modes.split(",")],
             delays_ms=[parse_delay(d) for d in args.delays.split(",")],
             run_dir=args.run_dir or Path("runs") / f"bench-{time.strftime('%Y%m%d-%H%M%S')}",
-            overrides=args.overrides, target=args.target, microbatches=args.microbatches)
+            overrides=args.overrides, target=args.target, microbatches=args.microbatches,
+            repeat=args.repeat)
         check(config)
     except (TopologyError, ValueError) as error:
         print(f"dni-mesh bench: {error}", file=sys.stderr)

@@ -45,6 +45,8 @@ def parser() -> argparse.ArgumentParser:
                        help="comma-separated link delays per message (ms, or with an s suffix)")
     bench.add_argument("--target", type=float, default=0.9, help="test accuracy to time")
     bench.add_argument("--microbatches", type=int, default=4, help="GPipe microbatches per batch")
+    bench.add_argument("--repeat", type=int, default=1,
+                       help="run the whole grid this many times; the table shows medians")
     bench.add_argument("--json", type=Path, help="write the report as JSON here")
     bench.add_argument("--plot", type=Path, help="write the plots here (PNG; needs matplotlib)")
     bench.add_argument("--run-dir", type=Path, help="folder for every run (default runs/bench-TIME)")

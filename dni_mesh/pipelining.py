@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
 
 from dni_mesh.build import build_source, build_stage, chain_config, shapes
-from dni_mesh.node import TrainClock
 from dni_mesh.topology import Topology, load_topology
 from dni_mesh.transport import free_tcp_port
 
@@ -45,12 +44,12 @@ TIMEOUT = timedelta(seconds=120)  # a stuck collective fails the run instead of 
 @dataclass
 class GPipeResult:
     """What the last stage measured; times are seconds since `run_gpipe` was called."""
-    samples_per_s: float
     test_accuracy: float
     evals: list[tuple[float, float]]  # (time, test accuracy) after each evaluation pass
+    step_ends: list[float]  # when each training step ended on the last stage
+    batch_size: int
     stages: int
     microbatches: int
-    trained_samples: int
     wall_s: float = 0.0
     losses: list[float] = field(default_factory=list)
 
@@ -127,24 +126,25 @@ class _GPipeStage:
         train = build_source(self.topology, "train") if self.first else None
         test = build_source(self.topology, "test") if self.first else None
         steps, test_batches = self.plan(train, test)
-        clock = TrainClock()
         evals: list[tuple[float, float]] = []
+        step_ends: list[float] = []
         losses: list[float] = []
         for epoch in range(data.epochs):
             batches = iter(train.iterate(epoch)) if self.first else None
             for _ in range(steps):
-                clock.tick(self.batch_size)
                 losses.append(self.train_step(next(batches) if self.first else None))
+                step_ends.append(self.clock())
             if epoch + 1 == data.epochs or (data.eval_every and (epoch + 1) % data.eval_every == 0):
-                eval_start = time.monotonic()
                 accuracy = self.evaluate(iter(test) if self.first else None, test_batches)
-                clock.pause(time.monotonic() - eval_start)
-                evals.append((round(time.monotonic() - self.started, 4), accuracy))
+                evals.append((self.clock(), accuracy))
         if not self.last:
             return None
-        return GPipeResult(samples_per_s=clock.rate(), test_accuracy=evals[-1][1], evals=evals,
-                           stages=self.stages, microbatches=self.microbatches,
-                           trained_samples=data.epochs * steps * self.batch_size, losses=losses)
+        return GPipeResult(test_accuracy=evals[-1][1], evals=evals, step_ends=step_ends,
+                           batch_size=self.batch_size, stages=self.stages,
+                           microbatches=self.microbatches, losses=losses)
+
+    def clock(self) -> float:
+        return round(time.monotonic() - self.started, 4)
 
     def plan(self, train, test) -> tuple[int, int]:
         """Training steps per epoch (full batches only) and test batches, sent by the first rank."""
