@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Callable, KeysView, Sequence
+from dataclasses import dataclass
 from typing import ClassVar, Union
 
 import msgpack
@@ -41,7 +41,10 @@ DTYPES: dict[str, torch.dtype] = {
 _DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 # Tensors whose dtype the protocol fixes (labels are class indices).
 _FIXED_DTYPES = {"labels": "int64"}
-_TENSOR_KEYS = ("name", "dtype", "shape", "nbytes")
+# Ordered like a tuple (for error texts), compared like a set (one C call on the hot path).
+_TENSOR_KEYS = dict.fromkeys(("name", "dtype", "shape", "nbytes")).keys()
+# numpy has no bfloat16: its words are exported through a same-size integer view.
+_EXPORT_DTYPES = {torch.bfloat16: torch.int16}
 _INT64_MAX = 2**63 - 1
 
 
@@ -115,16 +118,30 @@ class _Message:
 
     KIND: ClassVar[str]
     FIELDS: ClassVar[tuple[tuple[str, Check], ...]]  # header scalars, in wire order
+    TENSORS: ClassVar[tuple[str, ...]] = ()  # tensor fields (None = absent), in frame order
     LAYOUTS: ClassVar[tuple[tuple[str, ...], ...]] = ((),)  # allowed tensor names, in frame order
+    HEADER_KEYS: ClassVar[KeysView[str]]  # every header key, in canonical order
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.HEADER_KEYS = dict.fromkeys(("v", "kind", *(name for name, _ in cls.FIELDS), "tensors")).keys()
 
     def __post_init__(self) -> None:
         for name, check in self.FIELDS:
-            _require(check(getattr(self, name)), f"{self.KIND}.{name}")
+            _require(check(getattr(self, name)), self.KIND, name)
         present = _tensor_names(self)
         if present not in self.LAYOUTS:
             raise WireError(f"{self.KIND}.tensors: {list(present)} is not one of {_layouts(self)}")
         for name in present:
-            _check_tensor(getattr(self, name), f"{self.KIND}.{name}", _FIXED_DTYPES.get(name))
+            _check_tensor(getattr(self, name), self.KIND, name)
+
+    @classmethod
+    def _checked(cls, values: dict[str, object]) -> _Message:
+        """Build from fields that `decode` has already validated, without __post_init__ checking
+        them a second time (decode is on every received message's path)."""
+        msg = object.__new__(cls)
+        msg.__dict__.update(dict.fromkeys(cls.TENSORS), **values)  # frozen: no __setattr__
+        return msg
 
 
 @dataclass(frozen=True, eq=False)
@@ -133,6 +150,7 @@ class Activation(_Message):
 
     KIND = "act"
     FIELDS = (("edge", _text), ("seq", _count), ("phase", _phase))
+    TENSORS = ("h", "labels")
     LAYOUTS = (("h",), ("h", "labels"))
     edge: str
     seq: int
@@ -147,6 +165,7 @@ class Gradient(_Message):
 
     KIND = "grad"
     FIELDS = (("edge", _text), ("seq", _count))
+    TENSORS = ("dh",)
     LAYOUTS = ((), ("dh",))
     edge: str
     seq: int
@@ -242,22 +261,23 @@ KINDS: dict[str, type[_Message]] = {
 }
 
 
-def _require(problem: str | None, where: str) -> None:
+def _require(problem: str | None, where: str, field: str) -> None:
+    """Raise for `problem` in where.field; the text is built only when there is a problem."""
     if problem is not None:
-        raise WireError(f"{where}: {problem}")
+        raise WireError(f"{where}.{field}: {problem}")
 
 
 def _tensor_names(msg: _Message) -> tuple[str, ...]:
     """Names of the tensors a message carries, in frame order (None means absent)."""
-    scalars = {name for name, _ in msg.FIELDS}
-    return tuple(f.name for f in fields(msg) if f.name not in scalars and getattr(msg, f.name) is not None)
+    return tuple(name for name in msg.TENSORS if getattr(msg, name) is not None)
 
 
 def _layouts(cls: type[_Message] | _Message) -> str:
     return " or ".join(str(list(layout)) for layout in cls.LAYOUTS)
 
 
-def _check_tensor(tensor: object, where: str, fixed_dtype: str | None) -> None:
+def _check_tensor(tensor: object, kind: str, field: str) -> None:
+    where, fixed_dtype = f"{kind}.{field}", _FIXED_DTYPES.get(field)
     if not isinstance(tensor, torch.Tensor):
         raise WireError(f"{where}: must be a torch.Tensor, got {type(tensor).__name__}")
     if tensor.layout != torch.strided:
@@ -271,9 +291,16 @@ def _check_tensor(tensor: object, where: str, fixed_dtype: str | None) -> None:
 
 def _buffer(tensor: torch.Tensor) -> memoryview:
     """The tensor's bytes, C-contiguous, without copying when it already is on the CPU and dense."""
-    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    # Each torch call costs about a microsecond: only make the ones this tensor needs.
+    if tensor.requires_grad:
+        tensor = tensor.detach()
+    if not (tensor.is_cpu and tensor.is_contiguous()):
+        tensor = tensor.cpu().contiguous()
+    if tensor.numel() == 0:
+        return memoryview(b"")  # memoryview cannot cast a shape with zeros
+    export = _EXPORT_DTYPES.get(tensor.dtype)
     # The memoryview keeps the tensor's storage alive until the transport releases the frame.
-    return memoryview(flat.view(torch.uint8).numpy())
+    return memoryview((tensor if export is None else tensor.view(export)).numpy()).cast("B")
 
 
 def encode(msg: Message) -> list[bytes | memoryview]:
@@ -285,14 +312,19 @@ def encode(msg: Message) -> list[bytes | memoryview]:
     if not isinstance(msg, _Message):
         raise TypeError(f"encode: not a wire message: {type(msg).__name__}")
     header: dict[str, object] = {"v": PROTOCOL_VERSION, "kind": msg.KIND}
-    header.update((name, getattr(msg, name)) for name, _ in msg.FIELDS)
-    tensors = [(name, getattr(msg, name)) for name in _tensor_names(msg)]
-    buffers = [_buffer(tensor) for _, tensor in tensors]
-    header["tensors"] = [
-        {"name": name, "dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "nbytes": buf.nbytes}
-        for (name, t), buf in zip(tensors, buffers)
-    ]
-    return [msgpack.packb(header, use_bin_type=True), *buffers]
+    for name, _ in msg.FIELDS:
+        header[name] = getattr(msg, name)
+    frames: list[bytes | memoryview] = [b""]
+    descriptors = []
+    for name in msg.TENSORS:
+        tensor = getattr(msg, name)
+        if tensor is not None:
+            frames.append(buf := _buffer(tensor))
+            descriptors.append({"name": name, "dtype": _DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                                "nbytes": buf.nbytes})
+    header["tensors"] = descriptors
+    frames[0] = msgpack.packb(header, use_bin_type=True)
+    return frames
 
 
 def _as_bytes(frame: object, where: str) -> memoryview:
@@ -329,23 +361,18 @@ def _unpack_header(frame: memoryview, limits: Limits) -> dict:
     return header
 
 
-def _check_keys(found: dict, expected: Sequence[str], where: str) -> None:
+def _check_keys(found: dict, expected: KeysView[str], where: str) -> None:
+    if found.keys() == expected:
+        return
     missing = [key for key in expected if key not in found]
     if missing:
         raise WireError(f"{where}: missing field(s) {', '.join(missing)}")
     unknown = [key for key in found if key not in expected]
-    if unknown:
-        raise WireError(f"{where}: unknown field(s) {', '.join(_clip(key) for key in unknown)}")
+    raise WireError(f"{where}: unknown field(s) {', '.join(_clip(key) for key in unknown)}")
 
 
-@dataclass(frozen=True)
-class _Slot:
-    """One validated tensor descriptor and its frame, ready to be turned into a tensor."""
-
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    frame: memoryview
+# A validated tensor descriptor and its frame: (name, dtype, shape, frame).
+_Slot = tuple[str, torch.dtype, list[int], memoryview]
 
 
 def _check_descriptor(desc: object, frame: memoryview, where: str, limits: Limits) -> _Slot:
@@ -353,8 +380,9 @@ def _check_descriptor(desc: object, frame: memoryview, where: str, limits: Limit
         raise WireError(f"{where}: must be a map, got {_show(desc)}")
     _check_keys(desc, _TENSOR_KEYS, where)
     name, dtype_name, shape, nbytes = (desc[key] for key in _TENSOR_KEYS)
-    _require(_text(name), f"{where}.name")
-    if type(dtype_name) is not str or dtype_name not in DTYPES:
+    _require(_text(name), where, "name")
+    dtype = DTYPES.get(dtype_name) if type(dtype_name) is str else None
+    if dtype is None:
         raise WireError(f"{where}.dtype: unsupported {_show(dtype_name)}; supported: {', '.join(DTYPES)}")
     fixed = _FIXED_DTYPES.get(name)
     if fixed is not None and dtype_name != fixed:
@@ -364,42 +392,43 @@ def _check_descriptor(desc: object, frame: memoryview, where: str, limits: Limit
     if len(shape) > limits.max_dims:
         raise WireError(f"{where}.shape: {len(shape)} dims exceeds the limit of {limits.max_dims}")
     for i, size in enumerate(shape):
-        _require(_count(size), f"{where}.shape[{i}]")
-    _require(_count(nbytes), f"{where}.nbytes")
-    dtype = DTYPES[dtype_name]
+        _require(_count(size), where, f"shape[{i}]")
+    _require(_count(nbytes), where, "nbytes")
     expected = math.prod(shape) * dtype.itemsize  # exact Python ints: no overflow
     if nbytes != expected:
         raise WireError(f"{where}.nbytes: {nbytes} != prod({shape}) * {dtype.itemsize} = {expected}")
     if nbytes > limits.max_tensor_bytes:
         raise WireError(f"{where}.nbytes: {nbytes} exceeds the limit of {limits.max_tensor_bytes}")
-    # An empty tensor still gets strides from its other dims: bound them too (0 counts as 1).
-    extent = math.prod(max(size, 1) for size in shape) * dtype.itemsize
-    if extent > limits.max_tensor_bytes:
-        raise WireError(f"{where}.shape: {shape} spans {extent} bytes (zeros as 1), over {limits.max_tensor_bytes}")
+    if nbytes == 0:  # an empty tensor still gets strides from its other dims: bound them (0 counts as 1)
+        extent = math.prod(max(size, 1) for size in shape) * dtype.itemsize
+        if extent > limits.max_tensor_bytes:
+            raise WireError(f"{where}.shape: {shape} spans {extent} bytes (zeros as 1), over {limits.max_tensor_bytes}")
     if frame.nbytes != nbytes:
         raise WireError(f"{where}: frame has {frame.nbytes} bytes, header says {nbytes}")
     if dtype == torch.bool and nbytes and np.frombuffer(frame, dtype=np.uint8).max() > 1:
         raise WireError(f"{where}: bool bytes must be 0 or 1")
-    return _Slot(name, dtype, tuple(shape), frame)
+    return name, dtype, shape, frame
 
 
-def _tensor(slot: _Slot) -> torch.Tensor:
+def _tensor(dtype: torch.dtype, shape: list[int], frame: memoryview) -> torch.Tensor:
     """A tensor over the frame's memory when that is safe, else an aligned private copy.
 
     Zero-copy needs a writable buffer (torch has no read-only tensors; zmq frames are writable,
     `bytes` are not) whose address is aligned to the element size. Either way the result is an
     ordinary writable CPU tensor that nothing else writes to.
     """
-    if slot.frame.nbytes == 0:
-        return torch.empty(slot.shape, dtype=slot.dtype)
-    raw = np.frombuffer(slot.frame, dtype=np.uint8)
-    if not slot.frame.readonly and raw.ctypes.data % slot.dtype.itemsize == 0:
-        flat = torch.frombuffer(slot.frame, dtype=slot.dtype)
-    else:
-        copy = torch.empty(slot.frame.nbytes, dtype=torch.uint8)
-        copy.numpy()[:] = raw
-        flat = copy.view(slot.dtype)
-    return flat.reshape(slot.shape)
+    if frame.nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    if not frame.readonly:
+        flat = torch.frombuffer(frame, dtype=dtype)
+        if flat.data_ptr() % dtype.itemsize == 0:
+            return flat.view(shape)
+    # libzmq puts small frames at odd offsets of its receive buffer: copy them. A bytearray is
+    # the cheapest writable copy, and malloc aligns it to 16 bytes.
+    flat = torch.frombuffer(bytearray(frame), dtype=dtype)
+    if flat.data_ptr() % dtype.itemsize:
+        flat = flat.clone()  # torch aligns to 64 bytes
+    return flat.view(shape)
 
 
 def decode(frames: Sequence[bytes | memoryview], limits: Limits = DEFAULT_LIMITS) -> Message:
@@ -421,9 +450,11 @@ def decode(frames: Sequence[bytes | memoryview], limits: Limits = DEFAULT_LIMITS
     cls = KINDS.get(kind) if type(kind) is str else None
     if cls is None:
         raise WireError(f"header.kind: unknown message kind {_show(kind)}; known: {', '.join(KINDS)}")
-    _check_keys(header, ("v", "kind", *(name for name, _ in cls.FIELDS), "tensors"), kind)
+    _check_keys(header, cls.HEADER_KEYS, kind)
+    values = {}
     for name, check in cls.FIELDS:
-        _require(check(header[name]), f"{kind}.{name}")
+        _require(check(value := header[name]), kind, name)
+        values[name] = value
     descriptors = header["tensors"]
     if type(descriptors) is not list:
         raise WireError(f"{kind}.tensors: must be a list, got {_show(descriptors)}")
@@ -436,9 +467,9 @@ def decode(frames: Sequence[bytes | memoryview], limits: Limits = DEFAULT_LIMITS
         if total > limits.max_message_bytes:
             raise WireError(f"{kind}.tensors: {total} bytes exceeds the limit of {limits.max_message_bytes}")
         slots.append(slot)
-    names = tuple(slot.name for slot in slots)
+    names = tuple(slot[0] for slot in slots)
     if names not in cls.LAYOUTS:
         raise WireError(f"{kind}.tensors: names {list(names)} are not one of {_layouts(cls)}")
-    values = {name: header[name] for name, _ in cls.FIELDS}
-    values.update((slot.name, _tensor(slot)) for slot in slots)
-    return cls(**values)  # type: ignore[return-value]
+    for name, dtype, shape, frame in slots:  # only now, with everything checked, build tensors
+        values[name] = _tensor(dtype, shape, frame)
+    return cls._checked(values)  # type: ignore[return-value]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import importlib.util
 import json
@@ -121,6 +122,20 @@ def test_zmq_frames_decode_in_place() -> None:
         b.setsockopt(zmq.LINGER, 0)
 
 
+def test_small_tcp_frames_at_odd_offsets_decode_to_aligned_copies() -> None:
+    # libzmq receives small messages into one buffer, so a tensor frame can start at any offset.
+    h = torch.arange(512, dtype=torch.float64)
+    with zmq.Context() as ctx, ctx.socket(zmq.PAIR) as a, ctx.socket(zmq.PAIR) as b:
+        port = a.bind_to_random_port("tcp://127.0.0.1")
+        b.connect(f"tcp://127.0.0.1:{port}")
+        for edge in ("e", "ee", "eee", "eeee"):  # shifts the tensor frame's offset
+            a.send_multipart(wire.encode(wire.Activation(edge, 0, h)), copy=False)
+            out = wire.decode([frame.buffer for frame in b.recv_multipart(copy=False)])
+            assert out.h.data_ptr() % 8 == 0 and torch.equal(out.h, h)
+        a.setsockopt(zmq.LINGER, 0)
+        b.setsockopt(zmq.LINGER, 0)
+
+
 def test_every_bfloat16_bit_pattern_survives() -> None:
     patterns = torch.from_numpy(np.arange(1 << 16, dtype=np.uint16).view(np.int16)).view(torch.bfloat16)
     out = roundtrip(wire.Gradient("e", 0, patterns)).dh
@@ -223,6 +238,14 @@ def test_vectors_are_up_to_date_and_deterministic() -> None:
 def test_invalid_messages_cannot_be_built(make, where: str) -> None:
     with pytest.raises(wire.WireError, match=f"^{re.escape(where)}:"):
         make()
+
+
+def test_every_field_is_a_header_scalar_or_a_declared_tensor() -> None:
+    for cls in wire.KINDS.values():
+        scalars = [name for name, _ in cls.FIELDS]
+        assert [f.name for f in dataclasses.fields(cls) if f.name not in scalars] == list(cls.TENSORS)
+        assert all(name in cls.TENSORS for layout in cls.LAYOUTS for name in layout)
+        assert list(cls.HEADER_KEYS) == ["v", "kind", *scalars, "tensors"]
 
 
 def test_encode_rejects_non_messages() -> None:
