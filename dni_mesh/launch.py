@@ -27,6 +27,12 @@ from dni_mesh.topology import Topology, load_topology
 from dni_mesh.transport import Inbox, Peer, PeerTimeout, TransportConfig
 
 STOP_GRACE_S = 3.0
+NODE_ENVIRONMENT = {
+    # glibc keeps freed ~1 MB message buffers instead of returning their pages to the OS, so a
+    # receiver does not page-fault on every message (benchmarks/transport.py: +20-25% at 1 MB).
+    "MALLOC_MMAP_THRESHOLD_": "33554432",
+    "MALLOC_TRIM_THRESHOLD_": "268435456",
+}
 
 
 class NodeFailed(RuntimeError):
@@ -94,7 +100,7 @@ class Launcher:
         self.metrics = (run_dir / "metrics.jsonl").open("w")
 
     def start(self) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = {**NODE_ENVIRONMENT, **os.environ, "PYTHONUNBUFFERED": "1"}
         for name, spec in self.topology.nodes.items():
             env["OMP_NUM_THREADS"] = str(spec.threads)
             log_path = self.run_dir / f"{name}.log"
