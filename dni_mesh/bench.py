@@ -259,7 +259,7 @@ def _num(value: float | None, spec: str) -> str:
 
 def plot(report: dict, path: Path) -> None:
     """Samples/s against link delay (medians, min-max bars), and test accuracy against time
-    since the run started for the first repeat at no delay and at the largest delay."""
+    since the run started, for every repeat, at no delay and at the largest delay."""
     try:
         import matplotlib
     except ModuleNotFoundError:
@@ -271,7 +271,7 @@ def plot(report: dict, path: Path) -> None:
     modes = list(dict.fromkeys(s["mode"] for s in summary if s["system"] == "mesh"))
     colour = {mode: f"C{i}" for i, mode in enumerate(modes)}
     delays = sorted({s["delay_ms"] for s in summary if s["system"] == "mesh"})
-    fig, (speed, curve) = plt.subplots(1, 2, figsize=(13, 5))
+    fig, (speed, curve) = plt.subplots(1, 2, figsize=(13, 6.5))
     for mode in modes:
         mesh = sorted((s for s in summary if s["system"] == "mesh" and s["mode"] == mode
                        and s["samples_per_s"] is not None), key=lambda s: s["delay_ms"])
@@ -288,17 +288,19 @@ def plot(report: dict, path: Path) -> None:
             speed.plot([0], [s["samples_per_s"]], "k*", ms=12, label="GPipe on gloo (delay 0 only)")
     shown = {delays[0], delays[-1]}
     for r in report["rows"]:
-        if r["repeat"] or not r["evals"] or (r["system"] == "mesh" and r["delay_ms"] not in shown):
+        if not r["evals"] or (r["system"] == "mesh" and r["delay_ms"] not in shown):
             continue
         times, accuracy = zip(*r["evals"])
-        c = colour.get(r["mode"], "k")
         if r["system"] == "mesh":
-            curve.plot(times, accuracy, "-" if r["delay_ms"] == delays[0] else "--", marker=".",
-                       color=c, label=f"mesh {r['mode']} {r['delay_ms']:g} ms")
+            line, marker = "-" if r["delay_ms"] == delays[0] else "--", "."
+            label = f"mesh {r['mode']} {r['delay_ms']:g} ms"
         elif r["system"] == "reference":
-            curve.plot(times, accuracy, "s:", color=c, label=f"reference {r['mode']}")
+            line, marker, label = ":", "s", f"reference {r['mode']}"
         else:
-            curve.plot(times, accuracy, "k*-", label="GPipe on gloo")
+            line, marker, label = "-", "*", "GPipe on gloo"
+        c = "k" if r["system"] == "pipelining-gpipe" else colour.get(r["mode"], "k")
+        curve.plot(times, accuracy, ls=line, marker=marker, color=c, alpha=0.7,
+                   label=None if r["repeat"] else label)
     speed.set_xscale("symlog", linthresh=1)
     speed.set_xticks(delays, [f"{d:g}" for d in delays])
     speed.set(xlabel="link delay per message, each way (ms)", ylabel="training samples/s",
@@ -306,8 +308,8 @@ def plot(report: dict, path: Path) -> None:
     curve.axhline(report["target"], color="grey", lw=0.5)
     curve.set(xlabel="seconds since the run started (process start-up included)",
               ylabel="test accuracy", title="test accuracy against wall time")
-    speed.legend(fontsize=7)
-    curve.legend(fontsize=7)
+    for axes in (speed, curve):
+        axes.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.13))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

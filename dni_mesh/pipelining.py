@@ -10,9 +10,8 @@ What differs from the mesh, and why:
 - The first stage reads the data and sends each batch's labels to the last stage, which owns
   the loss. Microbatch shapes are fixed up front, so a final partial training batch is skipped.
 - Batch norm sees microbatches, not whole batches.
-- Evaluation runs forward through the same stage processes with plain gloo send and recv, one
-  batch at a time: `ScheduleGPipe.eval` returns NaN logits on gloo with three or more stages
-  in torch 2.13. The last test batch is padded; the padding is not counted.
+- Evaluation goes through the same pipeline (`ScheduleGPipe.eval`); the last test batch is
+  padded to the fixed shape, and the padding is not counted.
 - The mesh's link emulation lives in its own transport: it cannot delay gloo's sockets, and
   the kernel has no `tc netem`, so this peer only runs without added delay.
 """
@@ -36,8 +35,8 @@ from dni_mesh.build import build_source, build_stage, chain_config, shapes
 from dni_mesh.topology import Topology, load_topology
 from dni_mesh.transport import free_tcp_port
 
-LABEL_TAG, EVAL_TAG = 77, 78  # tags of their own keep these apart from the pipeline's traffic
-PADDING = -1  # the label of a padded test sample: never counted
+LABEL_TAG = 77  # labels travel first -> last stage; a tag of their own keeps them apart
+PADDING = -100  # cross_entropy's ignore_index: the label of a padded test sample
 TIMEOUT = timedelta(seconds=120)  # a stuck collective fails the run instead of hanging it
 
 
@@ -106,13 +105,13 @@ class _GPipeStage:
         self.module = self.stage.module
         self.batch_size = topology.data.batch_size
         out, num_classes = shapes(topology)
-        self.input_shape = out[[topology.source, *names][rank]]
         size = self.batch_size // microbatches
         # Shapes given up front: inferring them runs the module on an uninitialised buffer,
         # which puts NaN into the running statistics of batch norm.
         pipe = PipelineStage(
             self.module, rank, self.stages, torch.device("cpu"),
-            input_args=torch.zeros(size, *self.input_shape, requires_grad=not self.first),
+            input_args=torch.zeros(size, *out[[topology.source, *names][rank]],
+                                   requires_grad=not self.first),
             output_args=torch.zeros(size, *(out[names[rank]] if not self.last else (num_classes,)),
                                     requires_grad=True))
         # Every rank needs the loss function: without one a schedule runs forward only.
@@ -182,7 +181,7 @@ class _GPipeStage:
         return (x,) if self.first else ()
 
     def evaluate(self, batches, count: int) -> float:
-        """Test accuracy, forward only, one batch at a time through every stage."""
+        """Test accuracy through the pipeline, forward only; the last test batch is padded."""
         self.module.eval()
         correct = total = 0
         with torch.no_grad():
@@ -193,14 +192,9 @@ class _GPipeStage:
                     pad = self.batch_size - len(y)
                     x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
                     y = torch.cat([y, y.new_full((pad,), PADDING)])
-                y = self.labels(y)  # before the activations: gloo's send waits for its recv
-                if not self.first:
-                    x = torch.empty(self.batch_size, *self.input_shape)
-                    dist.recv(x, src=self.rank - 1, tag=EVAL_TAG)
-                out = self.module(x)
+                y = self.labels(y)
+                out = self.schedule.eval(*self.inputs(x), **(dict(target=y) if self.last else {}))
                 if self.last:
                     correct += int((out.argmax(dim=1) == y).sum())
                     total += int((y != PADDING).sum())
-                else:
-                    dist.send(out.contiguous(), dst=self.rank + 1, tag=EVAL_TAG)
         return correct / max(total, 1)
