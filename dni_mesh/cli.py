@@ -22,13 +22,13 @@ def _topology_args(parser: argparse.ArgumentParser) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dni-mesh", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="dni-mesh", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="start every node on this machine and supervise them")
     _topology_args(run)
     run.add_argument("--summary", type=Path, help="write the run summary as JSON here")
-    run.add_argument("--run-dir", type=Path, help="folder for logs and metrics (default runs/NAME-TIME)")
+    run.add_argument("--run-dir", type=Path, help="folder for logs and metrics (default runs/NAME-TIME-PID)")
     run.add_argument("--no-live", action="store_true", help="no live table, even on a terminal")
     run.add_argument("--hosts", choices=["local", "netns"], default="local",
                      help="local: every node on this machine's network; netns: each host of the "

@@ -27,6 +27,10 @@ from dni_mesh.topology import Topology, load_topology
 from dni_mesh.transport import Inbox, Peer, PeerTimeout, TransportConfig
 
 STOP_GRACE_S = 3.0
+SILENCE_S = 120.0
+"""A node silent this long is taken as hung. Nodes heartbeat every 0.5 s while they wait, and
+report metrics at most twice a second while they step; the margin covers start-up (imports,
+data loading) and a slow single step."""
 NODE_ENVIRONMENT = {
     # glibc keeps freed ~1 MB message buffers instead of returning their pages to the OS, so a
     # receiver does not page-fault on every message (benchmarks/transport.py: +20-25% at 1 MB).
@@ -53,6 +57,7 @@ class NodeProcess:
     latest: dict = field(default_factory=dict)
     final: dict = field(default_factory=dict)
     evals: list[dict] = field(default_factory=list)
+    last_heard: float = field(default_factory=time.monotonic)
 
     def tail(self, lines: int = 20) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -84,7 +89,8 @@ class Launcher:
     """Starts, watches and stops the node processes of one run."""
 
     def __init__(self, topology: Topology, overrides: Sequence[str], run_dir: Path,
-                 live: bool = True, wrap: Wrap = no_wrap, control_host: str = "127.0.0.1"):
+                 live: bool = True, wrap: Wrap = no_wrap, control_host: str = "127.0.0.1",
+                 silence_s: float = SILENCE_S):
         self.topology = topology
         self.overrides = list(overrides)
         self.run_dir = run_dir
@@ -94,7 +100,7 @@ class Launcher:
         self.inbox = Inbox(f"tcp://{control_host}:0", "launcher", TransportConfig(linger_ms=0),
                            self.context)
         self.nodes: dict[str, NodeProcess] = {}
-        self.ended: set[str] = set()
+        self.silence_s = silence_s
         self.view = LiveView(topology, enabled=live)
         run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = (run_dir / "metrics.jsonl").open("w")
@@ -122,11 +128,16 @@ class Launcher:
                     self.take(envelope.peer, envelope.message)
                 self.view.refresh(self.nodes)
                 codes = {n: p.process.poll() for n, p in self.nodes.items()}
+                now = time.monotonic()
                 for name, code in codes.items():
+                    node = self.nodes[name]
                     if code not in (None, 0):
-                        node = self.nodes[name]
                         raise NodeFailed(f"node {name} (pid {node.process.pid}) exited with code "
                                          f"{code}; its last output ({node.log_path}):\n{node.tail()}")
+                    if code is None and now - node.last_heard > self.silence_s:
+                        raise NodeFailed(f"node {name} (pid {node.process.pid}) sent no heartbeat or "
+                                         f"metrics for {self.silence_s:.0f} s: hung? Its last output "
+                                         f"({node.log_path}):\n{node.tail()}")
                 if all(code == 0 for code in codes.values()):
                     self.drain()
                     return
@@ -140,6 +151,7 @@ class Launcher:
         node = self.nodes.get(peer)
         if node is None:
             return
+        node.last_heard = time.monotonic()
         if isinstance(message, wire.Hello):
             node.hello = message
         elif isinstance(message, wire.Metrics):
@@ -152,8 +164,6 @@ class Launcher:
                 node.final = values
         elif isinstance(message, wire.Error):
             node.latest["error"] = message.text
-        elif isinstance(message, wire.End):
-            self.ended.add(peer)
 
     def stop(self, reason: str) -> None:
         """Ask every live node to stop, then kill whatever is left after the grace period."""
@@ -206,7 +216,8 @@ class Launcher:
 
 def run(topology_path: str | Path, overrides: Sequence[str] = (), run_dir: Path | None = None,
         summary_path: Path | None = None, live: bool = True, wrap: Wrap = no_wrap,
-        topology: Topology | None = None, control_host: str = "127.0.0.1") -> dict:
+        topology: Topology | None = None, control_host: str = "127.0.0.1",
+        silence_s: float = SILENCE_S) -> dict:
     """Run a whole mesh on this machine; returns (and optionally writes) the summary.
 
     `wrap` changes each node's command and `control_host` is the address the launcher's control
@@ -217,7 +228,8 @@ def run(topology_path: str | Path, overrides: Sequence[str] = (), run_dir: Path 
     """
     topology = topology or load_topology(topology_path, overrides)
     run_dir = run_dir or default_run_dir(topology)
-    launcher = Launcher(topology, overrides, run_dir, live=live, wrap=wrap, control_host=control_host)
+    launcher = Launcher(topology, overrides, run_dir, live=live, wrap=wrap, control_host=control_host,
+                        silence_s=silence_s)
     started = time.monotonic()
 
     def interrupt(signum: int, frame: object) -> None:

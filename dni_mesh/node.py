@@ -25,7 +25,7 @@ import logging
 import os
 import socket
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -66,7 +66,6 @@ class Counters:
     dropped_messages: int = 0
     unexpected: int = 0
     samples_per_s: float = 0.0
-    losses: list[float] = field(default_factory=list)
 
 
 def transport_config(topology: Topology, window: int) -> TransportConfig:
@@ -98,8 +97,7 @@ class Runtime:
         self.topology = topology
         self.spec = topology.nodes[name]
         self.name = name
-        window = 1 if self.spec.mode in LOCKED_MODES else self.spec.window
-        self.window = window
+        self.window = 1 if self.spec.mode in LOCKED_MODES else self.spec.window
         self.config = transport_config(topology, max(node.window for node in topology.nodes.values()))
         self.context = zmq.Context()
         self.inbox = Inbox(self.spec.address, name, self.config, self.context)
@@ -155,8 +153,7 @@ class Runtime:
         c = self.counters
         c.bad_messages = self.inbox.bad_messages
         c.dropped_messages = sum(p.dropped for p in self.peers.values())
-        summary = {k: v for k, v in asdict(c).items() if k != "losses"}
-        self.record({"event": "final", "status": status, **summary}, force=True)
+        self.record({"event": "final", "status": status, **asdict(c)}, force=True)
         if self.control is not None:
             self.control.end(CONTROL_EDGE, self.control_seq, timeout_ms=5000)
 
@@ -322,8 +319,6 @@ class StageRunner:
         counters = self.runtime.counters
         counters.steps += 1
         counters.samples += len(acts[0].h)
-        if result.loss is not None:
-            counters.losses.append(result.loss)
         if result.input_grads is not None or not self.outputs.edges:
             self.reply(seq, result.input_grads)
         self.runtime.record({"event": "step", "step": counters.steps, "seq": seq, "loss": result.loss,
@@ -422,7 +417,8 @@ def run_node(topology: Topology, name: str, control: str | None, run_dir: Path,
     except Stopped as stop:
         status, code = f"stopped: {stop}", 130
     except Exception as error:
-        runtime.say(wire.Error(name, f"{type(error).__name__}: {error}"))
+        status = f"error: {type(error).__name__}: {error}"
+        runtime.say(wire.Error(name, status))
         raise
     finally:
         runtime.finish(status)

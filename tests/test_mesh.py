@@ -138,6 +138,38 @@ def test_dead_node_fails_the_run_with_its_name_and_output(tmp_path):
     assert all(not alive(pid) for pid in pids.values())
 
 
+HANGER = '''
+import threading
+from torch import nn
+
+class Hang(nn.Module):
+    """Blocks forever on its third training step, like a node stuck in a deadlock."""
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.linear = nn.Linear(d_in, d_out)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.training and self.calls > 3:
+            threading.Event().wait()
+        return self.linear(x)
+'''
+
+
+@pytest.mark.timeout(120)
+def test_hung_node_fails_the_run_by_its_silence(tmp_path):
+    (tmp_path / "hanging.py").write_text(HANGER)
+    topology = chain("dni")
+    topology["nodes"]["l2"] = {"module": "hanging:Hang", "args": {"d_in": 32, "d_out": 32}}
+    started = time.monotonic()
+    with pytest.raises(NodeFailed, match="node l2 .* sent no heartbeat or metrics for 10 s"):
+        run(write(tmp_path, topology), run_dir=tmp_path / "run", live=False, silence_s=10)
+    assert time.monotonic() - started < 60
+    pids = json.loads((tmp_path / "run" / "nodes.json").read_text())
+    assert all(not alive(pid) for pid in pids.values())
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
