@@ -106,65 +106,51 @@ def test_dag_fan_out_and_fan_in(tmp_path):
     assert sum(r.get("event") == "fit" for r in fits) == STEPS  # one fit per step: both grads summed
 
 
-CRASHER = '''
-import torch
+MISBEHAVING = '''
+import threading
 from torch import nn
 
-class Crash(nn.Module):
-    """Fails on its third training step, like a node with a bug."""
-    def __init__(self, d_in: int, d_out: int):
+class Misbehave(nn.Module):
+    """A node with a bug: on its fourth training step it raises, or blocks forever."""
+    def __init__(self, d_in: int, d_out: int, how: str):
         super().__init__()
         self.linear = nn.Linear(d_in, d_out)
+        self.how = how
         self.calls = 0
 
     def forward(self, x):
         self.calls += 1
         if self.training and self.calls > 3:
-            raise RuntimeError("boom in forward")
+            if self.how == "raise":
+                raise RuntimeError("boom in forward")
+            threading.Event().wait()
         return self.linear(x)
 '''
 
 
+def misbehaving_chain(tmp_path: Path, how: str) -> Path:
+    (tmp_path / "misbehaving.py").write_text(MISBEHAVING)
+    topology = chain("dni")
+    topology["nodes"]["l2"] = {"module": "misbehaving:Misbehave",
+                               "args": {"d_in": 32, "d_out": 32, "how": how}}
+    return write(tmp_path, topology)
+
+
 @pytest.mark.timeout(120)
 def test_dead_node_fails_the_run_with_its_name_and_output(tmp_path):
-    (tmp_path / "crashing.py").write_text(CRASHER)
-    topology = chain("dni")
-    topology["nodes"]["l2"] = {"module": "crashing:Crash", "args": {"d_in": 32, "d_out": 32}}
     with pytest.raises(NodeFailed) as failure:
-        run(write(tmp_path, topology), run_dir=tmp_path / "run", live=False)
+        run(misbehaving_chain(tmp_path, "raise"), run_dir=tmp_path / "run", live=False)
     text = str(failure.value)
     assert "node l2" in text and "boom in forward" in text
     pids = json.loads((tmp_path / "run" / "nodes.json").read_text())
     assert all(not alive(pid) for pid in pids.values())
 
 
-HANGER = '''
-import threading
-from torch import nn
-
-class Hang(nn.Module):
-    """Blocks forever on its third training step, like a node stuck in a deadlock."""
-    def __init__(self, d_in: int, d_out: int):
-        super().__init__()
-        self.linear = nn.Linear(d_in, d_out)
-        self.calls = 0
-
-    def forward(self, x):
-        self.calls += 1
-        if self.training and self.calls > 3:
-            threading.Event().wait()
-        return self.linear(x)
-'''
-
-
 @pytest.mark.timeout(120)
 def test_hung_node_fails_the_run_by_its_silence(tmp_path):
-    (tmp_path / "hanging.py").write_text(HANGER)
-    topology = chain("dni")
-    topology["nodes"]["l2"] = {"module": "hanging:Hang", "args": {"d_in": 32, "d_out": 32}}
     started = time.monotonic()
     with pytest.raises(NodeFailed, match="node l2 .* sent no heartbeat or metrics for 10 s"):
-        run(write(tmp_path, topology), run_dir=tmp_path / "run", live=False, silence_s=10)
+        run(misbehaving_chain(tmp_path, "hang"), run_dir=tmp_path / "run", live=False, silence_s=10)
     assert time.monotonic() - started < 60
     pids = json.loads((tmp_path / "run" / "nodes.json").read_text())
     assert all(not alive(pid) for pid in pids.values())
