@@ -47,6 +47,7 @@ def shapes(topology: Topology) -> tuple[dict[str, tuple[int, ...]], int]:
 
 def stage_config(topology: Topology, name: str) -> StageConfig:
     spec = topology.nodes[name]
+    # A head has no out-edge and so no mode; its Stage ignores the mode it is given.
     return StageConfig(mode=spec.mode or topology.mode, bp_lambda=spec.bp_lambda,
                        max_pending=spec.max_pending)
 
@@ -78,8 +79,8 @@ def chain_config(topology: Topology) -> ChainConfig:
     first = topology.nodes[order[0]]
     for name in order:
         spec = topology.nodes[name]
-        synthetic = spec.role == "head" or spec.synthetic_gradient == first.synthetic_gradient
-        if not synthetic or (spec.optimizer, spec.bp_lambda, spec.max_pending) != \
+        same_synthesizer = spec.role == "head" or spec.synthetic_gradient == first.synthetic_gradient
+        if not same_synthesizer or (spec.optimizer, spec.bp_lambda, spec.max_pending) != \
                 (first.optimizer, first.bp_lambda, first.max_pending):
             raise ValueError(f"{topology.path}: node {name} has its own optimizer or synthetic "
                              "gradient settings; the reference trainer needs them shared")
