@@ -4,9 +4,14 @@ The node runtime calls `forward(seq, ...)` when an activation arrives and `backw
 when the gradient for that seq comes back (summed over all consumers); it ships what the calls
 return. Modes, for a node's outgoing interface:
 
-- "dni" / "cdni": update at once with the synthetic gradient g = M(h) (cDNI: M(h, labels)),
-  send upstream the gradient that g implies for the inputs (the bootstrapped target of the
-  upstream synthesizer), and fit M when the real gradient for seq comes back.
+- "dni" / "cdni": update at once with the synthetic gradient g = M(h) (cDNI: M(h, labels))
+  and fit M when the real gradient for seq comes back. What goes upstream, as the target of
+  the upstream synthesizer, is set by the synthesizer's `target`:
+    "bootstrap" (the paper's): the gradient that g implies for the inputs, sent at once;
+    "backprop": the gradient that came back, backpropagated through the module when it
+    arrives (recomputed with the current weights), so that every synthesizer regresses onto
+    the true gradient of the loss, one round trip late. Updates stay synthetic and unlocked;
+    the upstream node's window waits longer for its answer.
 - "backprop": locked; keep the graph until the gradient comes back, then update and send the
   true input gradients upstream. Calls must alternate forward(t), backward(t): a later
   forward's graph would be invalidated by the earlier batch's in-place update.
@@ -69,7 +74,7 @@ class Pending:
     """What a node keeps for a seq until its gradient comes back."""
     h: Tensor                                # output; attached to the graph in locked modes
     labels: Tensor | None
-    inputs: list[Tensor] = field(default_factory=list)   # leaves, for locked modes
+    inputs: list[Tensor] = field(default_factory=list)   # leaves: locked modes, target backprop
 
 
 class Stage:
@@ -125,6 +130,9 @@ class Stage:
             self.keep(seq, Pending(h, labels, leaves))
             return StepResult(output=h.detach(), input_grads=None)
         self.apply(h, self.synthetic_gradient(h.detach(), labels))
+        if self.synthesizer.target == "backprop" and any(needs_input_grad):
+            self.keep(seq, Pending(h.detach(), labels, leaves))
+            return StepResult(output=h.detach(), input_grads=None)
         self.keep(seq, Pending(h.detach(), labels))
         return StepResult(output=h.detach(), input_grads=grads_of(leaves))
 
@@ -151,8 +159,9 @@ class Stage:
             self.apply(entry.h, lam * grad + (1 - lam) * synthetic)
             return BackwardResult(input_grads=grads_of(entry.inputs),
                                   sg_loss=self.fit_synthesizer(entry.h.detach(), entry.labels, grad))
-        return BackwardResult(input_grads=None,
-                              sg_loss=self.fit_synthesizer(entry.h, entry.labels, grad))
+        sg_loss = self.fit_synthesizer(entry.h, entry.labels, grad)
+        input_grads = self.backpropagate(entry.inputs, grad) if entry.inputs else None
+        return BackwardResult(input_grads=input_grads, sg_loss=sg_loss)
 
     def head_step(self, leaves: list[Tensor], labels: Tensor | None) -> StepResult:
         if labels is None:
@@ -189,6 +198,19 @@ class Stage:
         h.backward(grad)
         self.optimizer.step()
         self.stats.steps += 1
+
+    def backpropagate(self, inputs: list[Tensor], grad: Tensor) -> list[Tensor | None]:
+        """Input gradients of the module for an output gradient, by a fresh forward pass with
+        the current weights: the pass that made the output is gone (its weights were updated in
+        place since). Buffers are copied, so batch-norm running statistics count the batch once."""
+        leaves = [x.detach().requires_grad_(x.requires_grad) for x in inputs]
+        state = {**dict(self.module.named_parameters()),
+                 **{name: b.clone() for name, b in self.module.named_buffers()}}
+        self.module.train()
+        h = torch.func.functional_call(self.module, state, tuple(leaves))
+        wanted = [x for x in leaves if x.requires_grad]
+        grads = iter(torch.autograd.grad(h, wanted, grad))
+        return [next(grads) if x.requires_grad else None for x in leaves]
 
     def fit_synthesizer(self, h: Tensor, labels: Tensor | None, grad: Tensor) -> float:
         loss = fit(self.synthesizer, self.sg_optimizer, grad, h,

@@ -25,6 +25,9 @@ class SyntheticGradientConfig:
     activations, "auto" picks conv for 3-d activations and mlp otherwise.
     scale: the prediction is multiplied by it before the node applies it (M is still fitted
     on the raw target), a damping trick for the first steps.
+    target: what the synthesizer *upstream* of this node is fitted on (see dni_mesh.stage):
+    "bootstrap" (the paper's), the gradient this node's prediction implies, sent at once; or
+    "backprop", the true gradient, sent when it comes back from downstream.
     """
 
     hidden: int = 0
@@ -35,6 +38,10 @@ class SyntheticGradientConfig:
     kind: str = "auto"
     optimizer: dict = field(default_factory=lambda: {"name": "adam", "lr": 1e-4})
     scale: float = 1.0
+    target: str = "bootstrap"
+
+
+TARGETS = ("bootstrap", "backprop")
 
 
 def zero_(layer: nn.Module) -> nn.Module:
@@ -73,6 +80,9 @@ class Synthesizer(nn.Module):
         self.conditioned = config.conditioned
         self.num_classes = num_classes
         self.scale = config.scale
+        if config.target not in TARGETS:
+            raise ValueError(f"synthesizer target {config.target!r}: expected one of {TARGETS}")
+        self.target = config.target
         extra = num_classes if config.conditioned else 0
         hidden = 0 if kind == "linear" else config.hidden
         if kind == "conv":

@@ -84,6 +84,7 @@ class SyntheticGradientFile(_Strict):
     conditioned: bool | None = None  # None: follows the mode (cdni conditions on labels)
     kind: Literal["auto", "mlp", "linear", "conv"] = "auto"
     scale: float = 1.0
+    target: Literal["bootstrap", "backprop"] = "bootstrap"
     optimizer: OptimizerFile = Field(default_factory=lambda: OptimizerFile(name="adam", lr=1e-4))
 
 

@@ -73,9 +73,12 @@ def reference_losses(path: Path) -> list[float]:
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("mode", ["backprop", "cdni"])
-def test_mesh_reproduces_reference(tmp_path, mode):
-    path = write(tmp_path, chain(mode))
+@pytest.mark.parametrize("mode, target", [("backprop", "bootstrap"), ("cdni", "bootstrap"),
+                                          ("dni", "backprop")])
+def test_mesh_reproduces_reference(tmp_path, mode, target):
+    topology = chain(mode)
+    topology["defaults"]["synthetic_gradient"]["target"] = target
+    path = write(tmp_path, topology)
     summary = run(path, run_dir=tmp_path / "run", live=False)
     mesh = head_losses(tmp_path / "run")
     reference = reference_losses(path)

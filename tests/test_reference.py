@@ -1,3 +1,4 @@
+from dataclasses import replace
 from functools import partial
 
 import pytest
@@ -135,3 +136,22 @@ def test_evaluate_counts_every_sample():
     assert result.samples == 100 and 0 <= result.accuracy <= 1 and result.loss > 0
     after = [p for s in trainer.stages for p in s.module.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+def test_target_backprop_fits_every_synthesizer_on_the_true_gradient():
+    """With frozen modules (lr 0) the target that reaches l1 is plain autograd's dL/dh1."""
+    trainer = ChainTrainer(replace(chain("dni"), optimizer={"name": "sgd", "lr": 0.0},
+                                   synthetic_gradient=SyntheticGradientConfig(target="backprop")))
+    x, y = next(iter(Blobs("train", 32, seed=1)))
+    l1, l2, head = trainer.stages
+    h1 = l1.module(x).detach().requires_grad_(True)  # modules in train mode, as in the step
+    expected = torch.autograd.grad(F.cross_entropy(head.module(l2.module(h1)), y), h1)[0]
+    received = []
+    backward = l1.backward
+    l1.backward = lambda seq, grad: received.append(grad) or backward(seq, grad)
+
+    trainer.step(x, y)
+
+    assert expected.abs().max() > 0
+    assert torch.allclose(received[0], expected, rtol=0, atol=1e-6)
+    assert l1.stats.sg_fits == l2.stats.sg_fits == 1

@@ -247,3 +247,31 @@ def test_stage_runs_on_cuda_and_returns_tensors_there():
     result = stage.forward(0, [x], y, [True])
     assert result.output.is_cuda and result.input_grads[0].is_cuda
     assert stage.backward(0, torch.zeros(8, 6)).sg_loss is not None
+
+
+def test_target_backprop_sends_the_true_gradient_upstream_when_it_comes_back():
+    torch.manual_seed(0)
+    module = block(6, 6)
+    synthesizer = Synthesizer((6,), 3, SyntheticGradientConfig(target="backprop"))
+    stage = Stage("b", module, make_optimizer(module.parameters(), ADAM), synthesizer,
+                  make_optimizer(synthesizer.parameters(), ADAM), StageConfig(mode="dni"))
+    x, y = batch(d=6)
+    first = stage.forward(0, [x], y, [True])
+    assert first.input_grads is None  # the upstream target is not known yet
+    running = [b.clone() for b in module.buffers()]
+    grad = torch.randn(8, 6, generator=torch.Generator().manual_seed(5))
+
+    answer = stage.backward(0, grad)
+
+    assert stage.stats.sg_fits == 1
+    assert same(running, [b.clone() for b in module.buffers()])  # the recompute left BN alone
+    expected = vjp(copy.deepcopy(module).train(), x, lambda h: grad)  # current weights
+    assert expected.abs().max() > 0
+    assert torch.allclose(answer.input_grads[0], expected, rtol=0, atol=1e-7)
+    # an input that needs no gradient (the source's) is answered at once, with a credit
+    assert stage.forward(1, [x], y, [False]).input_grads == [None]
+
+
+def test_unknown_synthesizer_target_is_refused():
+    with pytest.raises(ValueError, match="target 'true'"):
+        Synthesizer((6,), 3, SyntheticGradientConfig(target="true"))
