@@ -5,6 +5,8 @@
 For each tensor size the sender (this process) streams messages to a receiver process:
   raw:  DEALER -> ROUTER multipart [fixed 64-byte header, tensor bytes], copy=False, same hwms;
   mesh: wire.encode + Peer.send -> Inbox.recv + wire.decode into a torch tensor, one element read.
+Both receivers let go of a message before taking the next: a receiver that held on to it while
+receiving the next would make libzmq allocate (and the kernel fault in) fresh pages each time.
 Raw and mesh trials alternate (in alternating order) so that load from other processes hits both
 alike; the reported ratio is the median of the per-repeat mesh/raw ratios, rates are medians.
 On a shared machine wall-clock ratios swing by tens of percent, so each row also gives the CPU time
@@ -63,6 +65,7 @@ def _receiver(conn: Connection) -> None:
                 if envelope is None:
                     raise TimeoutError("mesh receiver: no message")
                 float(envelope.message.h[-1])  # the tensor is usable
+                del envelope  # done with it: free its frames before the next receive, as raw does
             conn.send(time.process_time() - cpu)
     raw.close()
     context.term()

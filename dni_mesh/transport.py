@@ -184,8 +184,7 @@ class Inbox(_Endpoint):
         except zmq.ZMQError as error:
             raise self._fail(f"inbox {name!r} cannot bind {address}", error) from error
         self.address: str = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
-        self._poller = zmq.Poller()
-        self._poller.register(self._socket, zmq.POLLIN)
+        self._rcvtimeo = -1  # RCVTIMEO now set on the socket; recv sets it per wait
         self.bad_by_peer: Counter[str] = Counter()
 
     @property
@@ -201,10 +200,16 @@ class Inbox(_Endpoint):
         """
         deadline = _deadline(timeout_ms)
         while True:
-            try:
-                frames = self._socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            wait_ms = self.config.poll_slice_ms
+            if deadline is not None:
+                wait_ms = max(0, min(wait_ms, math.ceil((deadline - time.monotonic()) * 1000)))
+            if wait_ms != self._rcvtimeo:
+                self._socket.setsockopt(zmq.RCVTIMEO, wait_ms)
+                self._rcvtimeo = wait_ms
+            try:  # waits inside libzmq: no exception and no Python poll when a message is near
+                frames = self._socket.recv_multipart(copy=False)
             except zmq.Again:
-                if not _wait(self._poller, deadline, self.config.poll_slice_ms):
+                if wait_ms == 0:
                     return None
                 continue
             envelope = self._open(frames)
@@ -253,12 +258,13 @@ class Peer(_Endpoint):
         # Time out a silent inbox, but ask it for no TTL: it must not time us out (see config).
         self._socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, self.config.heartbeat_timeout_ms)
         self._socket.setsockopt(zmq.HEARTBEAT_TTL, 0)
+        # A blocking send waits for room inside libzmq, one slice at a time: no exception and
+        # no Python-level poll per message when the receiver is the slower side.
+        self._socket.setsockopt(zmq.SNDTIMEO, self.config.poll_slice_ms)
         try:
             self._socket.connect(address)
         except zmq.ZMQError as error:
             raise self._fail(f"peer {name!r} cannot connect to {address}", error) from error
-        self._room = zmq.Poller()
-        self._room.register(self._socket, zmq.POLLOUT)
         self._replies = zmq.Poller()
         self._replies.register(self._socket, zmq.POLLIN)
         self.dropped_by_kind: Counter[str] = Counter()
@@ -286,12 +292,13 @@ class Peer(_Endpoint):
         return True
 
     def _send_waiting(self, frames: list[bytes | memoryview], deadline: float | None, kind: str) -> None:
+        """Send, waiting for room until the deadline (checked every poll_slice_ms)."""
         while True:
             try:
-                self._socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                self._socket.send_multipart(frames, copy=False)
                 return
-            except zmq.Again:  # multipart sends are atomic: nothing was queued
-                if not _wait(self._room, deadline, self.config.poll_slice_ms):
+            except zmq.Again:  # no room within a slice; multipart sends are atomic: nothing was queued
+                if deadline is not None and time.monotonic() >= deadline:
                     raise PeerTimeout(f"peer {self.name!r} -> {self.address}: no room for {kind!r} "
                                       "before the timeout (receiver slow or gone)") from None
 

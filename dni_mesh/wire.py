@@ -327,16 +327,16 @@ def encode(msg: Message) -> list[bytes | memoryview]:
     return frames
 
 
-def _as_bytes(frame: object, where: str) -> memoryview:
-    """A flat byte view of one frame (bytes, bytearray, memoryview, zmq.Frame, ...)."""
+def _as_bytes(frame: object, index: int) -> memoryview:
+    """A flat byte view of frames[index] (bytes, bytearray, memoryview, zmq.Frame, ...)."""
     try:
         view = memoryview(frame)  # type: ignore[arg-type]
     except TypeError:
-        raise WireError(f"{where}: not a bytes-like object: {type(frame).__name__}") from None
+        raise WireError(f"frames[{index}]: not a bytes-like object: {type(frame).__name__}") from None
     if view.ndim == 1 and view.format == "B":
         return view
     if not view.c_contiguous:
-        raise WireError(f"{where}: buffer is not contiguous")
+        raise WireError(f"frames[{index}]: buffer is not contiguous")
     return view.cast("B")
 
 
@@ -379,7 +379,7 @@ def _check_descriptor(desc: object, frame: memoryview, where: str, limits: Limit
     if type(desc) is not dict:
         raise WireError(f"{where}: must be a map, got {_show(desc)}")
     _check_keys(desc, _TENSOR_KEYS, where)
-    name, dtype_name, shape, nbytes = (desc[key] for key in _TENSOR_KEYS)
+    name, dtype_name, shape, nbytes = desc["name"], desc["dtype"], desc["shape"], desc["nbytes"]
     _require(_text(name), where, "name")
     dtype = DTYPES.get(dtype_name) if type(dtype_name) is str else None
     if dtype is None:
@@ -410,6 +410,11 @@ def _check_descriptor(desc: object, frame: memoryview, where: str, limits: Limit
     return name, dtype, shape, frame
 
 
+# Smaller frames are always copied: libzmq packs them into a shared receive buffer, often at odd
+# offsets, and a view would keep that whole buffer alive; at this size a copy is the cheaper step.
+SMALL_FRAME_BYTES = 64 * 1024
+
+
 def _tensor(dtype: torch.dtype, shape: list[int], frame: memoryview) -> torch.Tensor:
     """A tensor over the frame's memory when that is safe, else an aligned private copy.
 
@@ -419,12 +424,11 @@ def _tensor(dtype: torch.dtype, shape: list[int], frame: memoryview) -> torch.Te
     """
     if frame.nbytes == 0:
         return torch.empty(shape, dtype=dtype)
-    if not frame.readonly:
+    if not frame.readonly and frame.nbytes >= SMALL_FRAME_BYTES:
         flat = torch.frombuffer(frame, dtype=dtype)
         if flat.data_ptr() % dtype.itemsize == 0:
             return flat.view(shape)
-    # libzmq puts small frames at odd offsets of its receive buffer: copy them. A bytearray is
-    # the cheapest writable copy, and malloc aligns it to 16 bytes.
+    # A bytearray is the cheapest writable copy, and malloc aligns it to 16 bytes.
     flat = torch.frombuffer(bytearray(frame), dtype=dtype)
     if flat.data_ptr() % dtype.itemsize:
         flat = flat.clone()  # torch aligns to 64 bytes
@@ -441,7 +445,7 @@ def decode(frames: Sequence[bytes | memoryview], limits: Limits = DEFAULT_LIMITS
     """
     if not 1 <= len(frames) <= 1 + limits.max_tensors:
         raise WireError(f"frames: {len(frames)} frames, expected 1 header + at most {limits.max_tensors} tensors")
-    views = [_as_bytes(frame, f"frames[{i}]") for i, frame in enumerate(frames)]
+    views = [_as_bytes(frame, i) for i, frame in enumerate(frames)]
     header = _unpack_header(views[0], limits)
     version = header.get("v")
     if type(version) is not int or version != PROTOCOL_VERSION:
@@ -467,7 +471,7 @@ def decode(frames: Sequence[bytes | memoryview], limits: Limits = DEFAULT_LIMITS
         if total > limits.max_message_bytes:
             raise WireError(f"{kind}.tensors: {total} bytes exceeds the limit of {limits.max_message_bytes}")
         slots.append(slot)
-    names = tuple(slot[0] for slot in slots)
+    names = tuple([slot[0] for slot in slots])
     if names not in cls.LAYOUTS:
         raise WireError(f"{kind}.tensors: names {list(names)} are not one of {_layouts(cls)}")
     for name, dtype, shape, frame in slots:  # only now, with everything checked, build tensors
