@@ -184,7 +184,7 @@ class Inbox(_Endpoint):
         except zmq.ZMQError as error:
             raise self._fail(f"inbox {name!r} cannot bind {address}", error) from error
         self.address: str = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
-        self._rcvtimeo = -1  # RCVTIMEO now set on the socket; recv sets it per wait
+        self._rcvtimeo = -1  # the socket's RCVTIMEO (libzmq's default: forever); recv sets it
         self.bad_by_peer: Counter[str] = Counter()
 
     @property

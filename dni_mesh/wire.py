@@ -416,11 +416,11 @@ SMALL_FRAME_BYTES = 64 * 1024
 
 
 def _tensor(dtype: torch.dtype, shape: list[int], frame: memoryview) -> torch.Tensor:
-    """A tensor over the frame's memory when that is safe, else an aligned private copy.
+    """A tensor over the frame's memory when that is safe and worth it, else an aligned copy.
 
     Zero-copy needs a writable buffer (torch has no read-only tensors; zmq frames are writable,
-    `bytes` are not) whose address is aligned to the element size. Either way the result is an
-    ordinary writable CPU tensor that nothing else writes to.
+    `bytes` are not) of at least SMALL_FRAME_BYTES whose address is aligned to the element size.
+    Either way the result is an ordinary writable CPU tensor that nothing else writes to.
     """
     if frame.nbytes == 0:
         return torch.empty(shape, dtype=dtype)
