@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import socket
 import time
 from collections import Counter
@@ -107,6 +108,36 @@ def free_tcp_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as probe:
         probe.bind((host, 0))
         return probe.getsockname()[1]
+
+
+def free_port_range(count: int, host: str = "127.0.0.1") -> int:
+    """The first of `count` consecutive TCP ports that were free a moment ago, all below the
+    kernel's ephemeral range: a topology's base_port for tests and scripts.
+
+    Ports inside the ephemeral range are handed to outgoing connections (the mesh's own peers
+    among them), so one could be taken between the check and the bind of the node that owns it.
+    Another process may still bind one first: this narrows the race, it cannot close it.
+    """
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as limits:
+            ephemeral_low = int(limits.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768  # Linux's default
+    chooser = random.Random()
+    for _ in range(100):
+        start = chooser.randrange(10_000, ephemeral_low - count)
+        if all(_bindable(host, port) for port in range(start, start + count)):
+            return start
+    raise TransportError(f"no {count} consecutive free TCP ports on {host} below {ephemeral_low}")
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def _deadline(timeout_ms: int | None) -> float | None:

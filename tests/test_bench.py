@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from dni_mesh.bench import Row, parse_delay, steady_rate, summarise, time_to_target
-from dni_mesh.transport import free_tcp_port
+from dni_mesh.transport import free_port_range
 
 ROW_KEYS = {"system", "mode", "delay_ms", "samples_per_s", "test_accuracy", "wall_s",
             "time_to_target_s", "evals", "repeat", "run_dir", "note"}
@@ -32,7 +32,7 @@ def tiny(tmp_path: Path) -> Path:
                   "head": {"role": "head", "module": "nodes.mlp:Classifier",
                            "args": {"d_in": 16, "classes": 3}}},
         "edges": ["source -> l1", "l1 -> head"],
-        "hosts": {"local": {"address": "127.0.0.1", "base_port": free_tcp_port()}},
+        "hosts": {"local": {"address": "127.0.0.1", "base_port": free_port_range(16)}},
     }
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(topology, sort_keys=False))

@@ -20,7 +20,7 @@ from dni_mesh.build import build_source, chain_config
 from dni_mesh.launch import NodeFailed, run
 from dni_mesh.reference import ChainTrainer
 from dni_mesh.topology import load_topology
-from dni_mesh.transport import free_tcp_port
+from dni_mesh.transport import free_port_range
 
 DATA = Path(os.environ.get("DNI_MESH_DATA", Path(__file__).parents[2] / "shared" / "data"))
 pytestmark = pytest.mark.skipif(not (DATA / "mnist").is_dir(),
@@ -43,7 +43,7 @@ def chain(mode: str, **extra) -> dict:
                   "head": {"role": "head", "module": "nodes.mlp:Classifier",
                            "args": {"d_in": 32, "classes": 10}}},
         "edges": ["source -> l1", "l1 -> l2", "l2 -> head"],
-        "hosts": {"local": {"address": "127.0.0.1", "base_port": free_tcp_port()}},
+        "hosts": {"local": {"address": "127.0.0.1", "base_port": free_port_range(16)}},
     }
     topology.update(extra)
     return topology

@@ -7,6 +7,7 @@ and every wait has a timeout, so a hang fails the test instead of stalling the s
 from __future__ import annotations
 
 import multiprocessing
+import socket
 import time
 from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
@@ -17,7 +18,8 @@ import torch
 import zmq
 
 from dni_mesh import wire
-from dni_mesh.transport import Inbox, Peer, PeerTimeout, TransportConfig, TransportError, free_tcp_port
+from dni_mesh.transport import (Inbox, Peer, PeerTimeout, TransportConfig, TransportError, free_port_range,
+                                 free_tcp_port)
 
 WAIT_MS = 20_000  # generous: the machine running the suite may be loaded
 MEGABYTE = torch.zeros(1 << 18)  # 1 MiB of float32: enough to fill hwm queues and kernel buffers
@@ -223,3 +225,17 @@ def test_inbox_reports_its_bound_address_and_times_out(context: zmq.Context) -> 
         assert inbox.recv(timeout_ms=0) is None
         with pytest.raises(TransportError, match="cannot bind"):
             Inbox(inbox.address, "twin", context=context)
+
+
+def test_free_port_range_gives_bindable_ports_below_the_ephemeral_range():
+    start = free_port_range(8)
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as limits:
+        ephemeral_low = int(limits.read().split()[0])
+    assert 10_000 <= start and start + 8 <= ephemeral_low
+    sockets = [socket.socket() for _ in range(8)]
+    try:
+        for i, sock in enumerate(sockets):
+            sock.bind(("127.0.0.1", start + i))  # raises if any was taken
+    finally:
+        for sock in sockets:
+            sock.close()
