@@ -75,6 +75,7 @@ class Pending:
     h: Tensor                                # output; attached to the graph in locked modes
     labels: Tensor | None
     inputs: list[Tensor] = field(default_factory=list)   # leaves: locked modes, target backprop
+    needs_grad: list[bool] = field(default_factory=list)  # target backprop: inputs to answer
 
 
 class Stage:
@@ -119,7 +120,10 @@ class Stage:
             return self.evaluate(inputs, labels)
         if needs_input_grad is None:
             needs_input_grad = [x.is_floating_point() for x in inputs]
-        leaves = [x.to(self.device).detach().requires_grad_(need)
+        # target backprop: input gradients come later, from backward; the synthetic update skips them
+        deferred = (not self.head and self.config.mode in ("dni", "cdni")
+                    and self.synthesizer.target == "backprop" and any(needs_input_grad))
+        leaves = [x.to(self.device).detach().requires_grad_(need and not deferred)
                   for x, need in zip(inputs, needs_input_grad, strict=True)]
         self.module.train()
         self.last_seq = max(self.last_seq, seq)
@@ -130,8 +134,8 @@ class Stage:
             self.keep(seq, Pending(h, labels, leaves))
             return StepResult(output=h.detach(), input_grads=None)
         self.apply(h, self.synthetic_gradient(h.detach(), labels))
-        if self.synthesizer.target == "backprop" and any(needs_input_grad):
-            self.keep(seq, Pending(h.detach(), labels, leaves))
+        if deferred:
+            self.keep(seq, Pending(h.detach(), labels, leaves, list(needs_input_grad)))
             return StepResult(output=h.detach(), input_grads=None)
         self.keep(seq, Pending(h.detach(), labels))
         return StepResult(output=h.detach(), input_grads=grads_of(leaves))
@@ -160,7 +164,7 @@ class Stage:
             return BackwardResult(input_grads=grads_of(entry.inputs),
                                   sg_loss=self.fit_synthesizer(entry.h.detach(), entry.labels, grad))
         sg_loss = self.fit_synthesizer(entry.h, entry.labels, grad)
-        input_grads = self.backpropagate(entry.inputs, grad) if entry.inputs else None
+        input_grads = self.backpropagate(entry.inputs, entry.needs_grad, grad) if entry.inputs else None
         return BackwardResult(input_grads=input_grads, sg_loss=sg_loss)
 
     def head_step(self, leaves: list[Tensor], labels: Tensor | None) -> StepResult:
@@ -199,11 +203,12 @@ class Stage:
         self.optimizer.step()
         self.stats.steps += 1
 
-    def backpropagate(self, inputs: list[Tensor], grad: Tensor) -> list[Tensor | None]:
+    def backpropagate(self, inputs: list[Tensor], needs_grad: list[bool],
+                      grad: Tensor) -> list[Tensor | None]:
         """Input gradients of the module for an output gradient, by a fresh forward pass with
         the current weights: the pass that made the output is gone (its weights were updated in
         place since). Buffers are copied, so batch-norm running statistics count the batch once."""
-        leaves = [x.detach().requires_grad_(x.requires_grad) for x in inputs]
+        leaves = [x.detach().requires_grad_(need) for x, need in zip(inputs, needs_grad, strict=True)]
         state = {**dict(self.module.named_parameters()),
                  **{name: b.clone() for name, b in self.module.named_buffers()}}
         self.module.train()
