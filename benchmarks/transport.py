@@ -1,6 +1,6 @@
 """Transport throughput: raw pyzmq against the full dni_mesh path, two processes on tcp loopback.
 
-    python -m benchmarks.transport [--json PATH] [--repeats 5] [--seconds 1]
+    python -m benchmarks.transport [--json PATH] [--repeats 5] [--seconds 1] [--breakdown]
 
 For each tensor size the sender (this process) streams messages to a receiver process:
   raw:  DEALER -> ROUTER multipart [fixed 64-byte header, tensor bytes], copy=False, same hwms;
@@ -12,6 +12,12 @@ alike; the reported ratio is the median of the per-repeat mesh/raw ratios, rates
 On a shared machine wall-clock ratios swing by tens of percent, so each row also gives the CPU time
 both processes (all threads, libzmq's I/O threads included) spend per message, and `cpu_ratio`,
 raw CPU / mesh CPU: the throughput ratio to expect wherever CPU is what limits.
+
+--breakdown adds, at 4 KB, two half-mesh paths over the raw sockets, to show which end's codec
+costs what: "encode" (the sender builds and encodes an Activation per message, the receiver only
+receives) and "decode" (the sender sends frames encoded once, the receiver decodes each and reads
+one element). It compares what each adds to its process's CPU per message in the stream with what
+the same calls cost in a hot loop in one process.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import os
 import platform
 import statistics
 import time
+import timeit
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -34,6 +41,7 @@ from dni_mesh import wire
 from dni_mesh.transport import Inbox, Peer, TransportConfig
 
 SIZES = (4 << 10, 256 << 10, 1 << 20, 16 << 20)
+BREAKDOWN_SIZE = 4 << 10
 RAW_HEADER = bytes(64)  # about the size of wire's msgpack header
 WAIT_MS = 30_000  # any single wait longer than this means the benchmark is broken, not slow
 CONFIG = TransportConfig(block_timeout_ms=WAIT_MS)
@@ -58,14 +66,19 @@ def _receiver(conn: Connection) -> None:
             mode, count = command
             cpu = time.process_time()
             for _ in range(count):
-                if mode == "raw":
+                if mode in ("raw", "encode"):
                     raw.recv_multipart(copy=False)
                     continue
-                envelope = inbox.recv(WAIT_MS)
-                if envelope is None:
-                    raise TimeoutError("mesh receiver: no message")
-                float(envelope.message.h[-1])  # the tensor is usable
-                del envelope  # done with it: free its frames before the next receive, as raw does
+                if mode == "decode":
+                    message = wire.decode(raw.recv_multipart(copy=False)[1:])
+                else:
+                    envelope = inbox.recv(WAIT_MS)
+                    if envelope is None:
+                        raise TimeoutError("mesh receiver: no message")
+                    message = envelope.message
+                    del envelope
+                float(message.h[-1])  # the tensor is usable
+                del message  # done with it: free its frames before the next receive, as raw does
             conn.send(time.process_time() - cpu)
     raw.close()
     context.term()
@@ -74,7 +87,12 @@ def _receiver(conn: Connection) -> None:
 @dataclass(frozen=True)
 class Trial:
     msgs_per_s: float  # from the first send until the receiver has every message
-    cpu_us_per_msg: float  # sender and receiver processes together
+    sender_cpu_us: float  # per message, all threads of the process
+    receiver_cpu_us: float
+
+    @property
+    def cpu_us_per_msg(self) -> float:
+        return self.sender_cpu_us + self.receiver_cpu_us
 
 
 def _trial(conn: Connection, mode: str, count: int, send: Callable[[int], object]) -> Trial:
@@ -86,10 +104,69 @@ def _trial(conn: Connection, mode: str, count: int, send: Callable[[int], object
         raise TimeoutError(f"{mode} receiver did not finish")
     receiver_cpu = conn.recv()
     wall, sender_cpu = time.perf_counter() - start, time.process_time() - cpu
-    return Trial(count / wall, (sender_cpu + receiver_cpu) / count * 1e6)
+    return Trial(count / wall, sender_cpu / count * 1e6, receiver_cpu / count * 1e6)
 
 
-def measure(sizes: tuple[int, ...], repeats: int, seconds: float) -> list[dict[str, float]]:
+def _hot_us(call: Callable[[], object], seconds: float = 0.3) -> float:
+    """Best per-call time of `call` repeated in a tight loop in this process."""
+    number = max(1, int(seconds / 5 / max(timeit.timeit(call, number=100) / 100, 1e-9)))
+    return min(timeit.repeat(call, number=number, repeat=5)) / number * 1e6
+
+
+def _paths(size: int, raw: zmq.Socket, peer: Peer, breakdown: bool) -> dict[str, Callable[[int], object]]:
+    tensor = torch.ones(size // 4)
+    payload = memoryview(tensor.numpy()).cast("B")
+    paths: dict[str, Callable[[int], object]] = {
+        "raw": lambda seq: raw.send_multipart([RAW_HEADER, payload], copy=False),
+        "mesh": lambda seq: peer.send(wire.Activation("bench", seq, tensor)),
+    }
+    if breakdown:
+        encoded = wire.encode(wire.Activation("bench", 0, tensor))
+        paths["encode"] = lambda seq: raw.send_multipart(wire.encode(wire.Activation("bench", seq, tensor)), copy=False)
+        paths["decode"] = lambda seq: raw.send_multipart(encoded, copy=False)
+    return paths
+
+
+def _row(size: int, trials: list[dict[str, Trial]]) -> dict[str, float]:
+    def median(mode: str, metric: str) -> float:
+        return statistics.median(getattr(t[mode], metric) for t in trials)
+
+    raw_rate, mesh_rate = median("raw", "msgs_per_s"), median("mesh", "msgs_per_s")
+    return {
+        "size_bytes": size,
+        "raw_msgs_per_s": raw_rate,
+        "mesh_msgs_per_s": mesh_rate,
+        "raw_gbps": raw_rate * size / 1e9,
+        "mesh_gbps": mesh_rate * size / 1e9,
+        "ratio": statistics.median(t["mesh"].msgs_per_s / t["raw"].msgs_per_s for t in trials),
+        "raw_cpu_us_per_msg": median("raw", "cpu_us_per_msg"),
+        "mesh_cpu_us_per_msg": median("mesh", "cpu_us_per_msg"),
+        "cpu_ratio": statistics.median(t["raw"].cpu_us_per_msg / t["mesh"].cpu_us_per_msg for t in trials),
+    }
+
+
+def _breakdown(size: int, trials: list[dict[str, Trial]]) -> dict[str, object]:
+    """What each end's codec adds per message in the stream, next to its cost in a hot loop."""
+    tensor = torch.ones(size // 4)
+    encoded = wire.encode(wire.Activation("bench", 0, tensor))
+    received = [bytes(frame) for frame in encoded]  # copied on decode, as small zmq frames are
+    hot = {
+        "encode": _hot_us(lambda: wire.encode(wire.Activation("bench", 1, tensor))),
+        "decode": _hot_us(lambda: float(wire.decode(received).h[-1])),
+    }
+    paths = {}
+    for mode in ("raw", "encode", "decode", "mesh"):
+        paths[mode] = {metric: statistics.median(getattr(t[mode], metric) for t in trials)
+                       for metric in ("msgs_per_s", "sender_cpu_us", "receiver_cpu_us")}
+    added = {
+        "encode": paths["encode"]["sender_cpu_us"] - paths["raw"]["sender_cpu_us"],
+        "decode": paths["decode"]["receiver_cpu_us"] - paths["raw"]["receiver_cpu_us"],
+    }
+    return {"size_bytes": size, "paths": paths, "hot_loop_us": hot, "in_stream_us": added}
+
+
+def measure(sizes: tuple[int, ...], repeats: int, seconds: float,
+            breakdown: bool = False) -> tuple[list[dict[str, float]], dict[str, object] | None]:
     spawn = multiprocessing.get_context("spawn")
     conn, child_conn = spawn.Pipe()
     child = spawn.Process(target=_receiver, args=(child_conn,), daemon=True)
@@ -100,42 +177,27 @@ def measure(sizes: tuple[int, ...], repeats: int, seconds: float) -> list[dict[s
     context = zmq.Context()
     raw = _raw_socket(context, zmq.DEALER)
     raw.connect(raw_address)
-    rows = []
+    rows, parts = [], None
     with Peer(inbox_address, "sender", CONFIG, context) as peer:
         for size in sizes:
-            tensor = torch.ones(size // 4)
-            payload = memoryview(tensor.numpy()).cast("B")
-            paths = {
-                "raw": lambda seq: raw.send_multipart([RAW_HEADER, payload], copy=False),
-                "mesh": lambda seq: peer.send(wire.Activation("bench", seq, tensor)),
-            }
+            split = breakdown and size == BREAKDOWN_SIZE
+            paths = _paths(size, raw, peer, split)
             warmup = max(20, (64 << 20) // size)
             warm = {mode: _trial(conn, mode, warmup, send) for mode, send in paths.items()}
             count = max(20, int(warm["raw"].msgs_per_s * seconds))
             trials = []
-            for repeat in range(repeats):  # alternate which path goes first, against drift in load
+            for repeat in range(repeats):  # alternate the order of the paths, against drift in load
                 order = sorted(paths, reverse=repeat % 2 == 1)
                 trials.append({mode: _trial(conn, mode, count, paths[mode]) for mode in order})
-            raw_rate = statistics.median(t["raw"].msgs_per_s for t in trials)
-            mesh_rate = statistics.median(t["mesh"].msgs_per_s for t in trials)
-            rows.append({
-                "size_bytes": size,
-                "raw_msgs_per_s": raw_rate,
-                "mesh_msgs_per_s": mesh_rate,
-                "raw_gbps": raw_rate * size / 1e9,
-                "mesh_gbps": mesh_rate * size / 1e9,
-                "ratio": statistics.median(t["mesh"].msgs_per_s / t["raw"].msgs_per_s for t in trials),
-                "raw_cpu_us_per_msg": statistics.median(t["raw"].cpu_us_per_msg for t in trials),
-                "mesh_cpu_us_per_msg": statistics.median(t["mesh"].cpu_us_per_msg for t in trials),
-                "cpu_ratio": statistics.median(t["raw"].cpu_us_per_msg / t["mesh"].cpu_us_per_msg
-                                               for t in trials),
-            })
+            rows.append(_row(size, trials))
             print(_format(rows[-1]), flush=True)
+            if split:
+                parts = _breakdown(size, trials)
     conn.send(None)
     child.join(WAIT_MS / 1000)
     raw.close(linger=0)
     context.term()
-    return rows
+    return rows, parts
 
 
 def machine() -> dict[str, object]:
@@ -163,17 +225,36 @@ def _format(row: dict[str, float]) -> str:
             f"{row['raw_cpu_us_per_msg']:>11.0f} {row['mesh_cpu_us_per_msg']:>12.0f} {row['cpu_ratio']:>10.2f}")
 
 
+def _format_breakdown(parts: dict[str, object]) -> str:
+    lines = [f"\nbreakdown at {parts['size_bytes'] >> 10} KB (medians): CPU per message, all threads of each process",
+             f"{'path':>8} {'msg/s':>8} {'sender us':>10} {'receiver us':>12}"]
+    for mode, row in parts["paths"].items():
+        lines.append(f"{mode:>8} {row['msgs_per_s']:>8.0f} {row['sender_cpu_us']:>10.1f} {row['receiver_cpu_us']:>12.1f}")
+    for end in ("encode", "decode"):
+        hot, stream = parts["hot_loop_us"][end], parts["in_stream_us"][end]
+        lines.append(f"{end}: {hot:.1f} us in a hot loop, adds {stream:.1f} us to its process in the stream "
+                     f"({stream / hot:.1f}x)")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", metavar="PATH", help="also write the rows and the machine as JSON")
     parser.add_argument("--repeats", type=int, default=5, help="trials per size and path (median)")
     parser.add_argument("--seconds", type=float, default=1.0, help="about how long one raw trial runs")
+    parser.add_argument("--breakdown", action="store_true",
+                        help=f"at {BREAKDOWN_SIZE >> 10} KB also split the codec's cost between the two ends")
     args = parser.parse_args()
     print(HEADER, flush=True)
-    rows = measure(SIZES, args.repeats, args.seconds)
+    rows, parts = measure(SIZES, args.repeats, args.seconds, args.breakdown)
+    if parts is not None:
+        print(_format_breakdown(parts), flush=True)
     if args.json:
         with open(args.json, "w") as out:
-            json.dump({"rows": rows, "machine": machine()}, out, indent=2)
+            result: dict[str, object] = {"rows": rows, "machine": machine()}
+            if parts is not None:
+                result["breakdown"] = parts
+            json.dump(result, out, indent=2)
 
 
 if __name__ == "__main__":

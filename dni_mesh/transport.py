@@ -11,7 +11,8 @@ Messages are `wire.encode` frames. Tensor frames go out zero-copy (pyzmq still c
 logged, counted and dropped: a bad peer can never raise inside the receiving node.
 
 Share one `zmq.Context` per process: create it in `main` and pass it to every Inbox and Peer (its
-one I/O thread carries about 2 GB/s on a loaded 2-core machine). Without one, each socket gets a private context that `close` ends.
+one I/O thread carries about 2 GB/s on a loaded 2-core machine). Without one, each socket gets a
+private context that `close` ends.
 Sockets are not thread-safe: use each Inbox and Peer from one thread.
 """
 
@@ -251,7 +252,7 @@ class Inbox(_Endpoint):
         routing_id = frames[0].bytes
         peer = routing_id.decode("utf-8", "backslashreplace")
         try:
-            message = wire.decode([frame.buffer for frame in frames[1:]], self.config.limits)
+            message = wire.decode(frames[1:], self.config.limits)  # zmq.Frame is a writable buffer
         except wire.WireError as error:
             self.bad_by_peer[peer] += 1
             count = self.bad_by_peer[peer]
@@ -344,7 +345,7 @@ class Peer(_Endpoint):
         while _wait(self._replies, deadline, self.config.poll_slice_ms):
             frames = self._socket.recv_multipart(copy=False)
             try:
-                reply = wire.decode([frame.buffer for frame in frames], self.config.limits)
+                reply = wire.decode(frames, self.config.limits)
             except wire.WireError as error:
                 log.warning("peer %s: bad reply from %s: %s", self.name, self.address, error)
                 continue

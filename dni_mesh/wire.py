@@ -137,10 +137,10 @@ class _Message:
 
     @classmethod
     def _checked(cls, values: dict[str, object]) -> _Message:
-        """Build from fields that `decode` has already validated, without __post_init__ checking
-        them a second time (decode is on every received message's path)."""
+        """Build from every field's value, already validated by `decode`, without __post_init__
+        checking them a second time (decode is on every received message's path)."""
         msg = object.__new__(cls)
-        msg.__dict__.update(dict.fromkeys(cls.TENSORS), **values)  # frozen: no __setattr__
+        object.__setattr__(msg, "__dict__", values)  # frozen: no plain attribute assignment
         return msg
 
 
@@ -291,9 +291,13 @@ def _check_tensor(tensor: object, kind: str, field: str) -> None:
 
 def _buffer(tensor: torch.Tensor) -> memoryview:
     """The tensor's bytes, C-contiguous, without copying when it already is on the CPU and dense."""
-    # Each torch call costs about a microsecond: only make the ones this tensor needs.
-    if tensor.requires_grad:
-        tensor = tensor.detach()
+    # The common case in one call. numpy() refuses tensors that need grad, are not on the CPU or are
+    # bfloat16, and cast() refuses non-contiguous ones: those take the slower path below.
+    try:
+        return memoryview(tensor.numpy()).cast("B")
+    except (RuntimeError, TypeError):
+        pass
+    tensor = tensor.detach()
     if not (tensor.is_cpu and tensor.is_contiguous()):
         tensor = tensor.cpu().contiguous()
     if tensor.numel() == 0:
@@ -392,7 +396,8 @@ def _check_descriptor(desc: object, frame: memoryview, where: str, limits: Limit
     if len(shape) > limits.max_dims:
         raise WireError(f"{where}.shape: {len(shape)} dims exceeds the limit of {limits.max_dims}")
     for i, size in enumerate(shape):
-        _require(_count(size), where, f"shape[{i}]")
+        if _count(size) is not None:  # the field name is formatted only on error
+            _require(_count(size), where, f"shape[{i}]")
     _require(_count(nbytes), where, "nbytes")
     expected = math.prod(shape) * dtype.itemsize  # exact Python ints: no overflow
     if nbytes != expected:
@@ -413,6 +418,10 @@ def _check_descriptor(desc: object, frame: memoryview, where: str, limits: Limit
 # Smaller frames are always copied: libzmq packs them into a shared receive buffer, often at odd
 # offsets, and a view would keep that whole buffer alive; at this size a copy is the cheaper step.
 SMALL_FRAME_BYTES = 64 * 1024
+# Tensors are built through numpy: np.frombuffer + reshape + torch.from_numpy costs about half of
+# torch.frombuffer + view (1.6 against 2.8 us at 4 KB). bfloat16 comes in as int16 words, viewed back.
+_NUMPY_DTYPES = {dtype: torch.empty(0, dtype=_EXPORT_DTYPES.get(dtype, dtype)).numpy().dtype
+                 for dtype in DTYPES.values()}
 
 
 def _tensor(dtype: torch.dtype, shape: list[int], frame: memoryview) -> torch.Tensor:
@@ -423,30 +432,26 @@ def _tensor(dtype: torch.dtype, shape: list[int], frame: memoryview) -> torch.Te
     Either way the result is an ordinary writable CPU tensor that nothing else writes to.
     """
     if frame.nbytes == 0:
-        return torch.empty(shape, dtype=dtype)
-    if not frame.readonly and frame.nbytes >= SMALL_FRAME_BYTES:
-        flat = torch.frombuffer(frame, dtype=dtype)
-        if flat.data_ptr() % dtype.itemsize == 0:
-            return flat.view(shape)
-    # A bytearray is the cheapest writable copy, and malloc aligns it to 16 bytes.
-    flat = torch.frombuffer(bytearray(frame), dtype=dtype)
-    if flat.data_ptr() % dtype.itemsize:
-        flat = flat.clone()  # torch aligns to 64 bytes
-    return flat.view(shape)
+        return torch.empty(shape, dtype=dtype)  # numpy would give it zero strides
+    array = np.frombuffer(frame, _NUMPY_DTYPES[dtype]).reshape(shape)
+    if frame.readonly or frame.nbytes < SMALL_FRAME_BYTES or not array.flags.aligned:
+        array = array.copy()  # numpy aligns what it allocates
+    tensor = torch.from_numpy(array)
+    return tensor if tensor.dtype == dtype else tensor.view(dtype)
 
 
-def decode(frames: Sequence[bytes | memoryview], limits: Limits = DEFAULT_LIMITS) -> Message:
+def decode(frames: Sequence[object], limits: Limits = DEFAULT_LIMITS) -> Message:
     """The message in `frames` (header first, no routing-id frames), fully validated first.
 
+    A frame is any bytes-like object: bytes, memoryview, or a received zmq.Frame as it is.
     Raises WireError, naming the field and the problem, for anything that does not follow
     protocols/wire-v1.md or exceeds `limits`. Tensors view the frames' memory where a frame is
-    writable and aligned (received ZeroMQ frames are) and are aligned copies otherwise; either way
-    they are ordinary writable CPU tensors.
+    writable, aligned (received ZeroMQ frames are) and at least SMALL_FRAME_BYTES, and are aligned
+    copies otherwise; either way they are ordinary writable CPU tensors.
     """
     if not 1 <= len(frames) <= 1 + limits.max_tensors:
         raise WireError(f"frames: {len(frames)} frames, expected 1 header + at most {limits.max_tensors} tensors")
-    views = [_as_bytes(frame, i) for i, frame in enumerate(frames)]
-    header = _unpack_header(views[0], limits)
+    header = _unpack_header(_as_bytes(frames[0], 0), limits)
     version = header.get("v")
     if type(version) is not int or version != PROTOCOL_VERSION:
         raise WireError(f"header.v: unsupported protocol version {_show(version)}; this node speaks {PROTOCOL_VERSION}")
@@ -455,7 +460,7 @@ def decode(frames: Sequence[bytes | memoryview], limits: Limits = DEFAULT_LIMITS
     if cls is None:
         raise WireError(f"header.kind: unknown message kind {_show(kind)}; known: {', '.join(KINDS)}")
     _check_keys(header, cls.HEADER_KEYS, kind)
-    values = {}
+    values = dict.fromkeys(cls.TENSORS)  # absent tensors are None
     for name, check in cls.FIELDS:
         _require(check(value := header[name]), kind, name)
         values[name] = value
@@ -465,8 +470,9 @@ def decode(frames: Sequence[bytes | memoryview], limits: Limits = DEFAULT_LIMITS
     if len(frames) != 1 + len(descriptors):
         raise WireError(f"frames: {len(frames)} frames, header lists {len(descriptors)} tensors (+1 header)")
     slots, total = [], 0
-    for i, (desc, frame) in enumerate(zip(descriptors, views[1:])):
-        slot = _check_descriptor(desc, frame, f"{kind}.tensors[{i}]", limits)
+    for i, desc in enumerate(descriptors, 1):
+        frame = _as_bytes(frames[i], i)
+        slot = _check_descriptor(desc, frame, f"{kind}.tensors[{i - 1}]", limits)
         total += frame.nbytes
         if total > limits.max_message_bytes:
             raise WireError(f"{kind}.tensors: {total} bytes exceeds the limit of {limits.max_message_bytes}")
