@@ -122,16 +122,18 @@ def _paths(size: int, raw: zmq.Socket, peer: Peer, breakdown: bool) -> dict[str,
     }
     if breakdown:
         encoded = wire.encode(wire.Activation("bench", 0, tensor))
-        paths["encode"] = lambda seq: raw.send_multipart(wire.encode(wire.Activation("bench", seq, tensor)), copy=False)
+        paths["encode"] = lambda seq: raw.send_multipart(wire.encode(wire.Activation("bench", seq, tensor)),
+                                                         copy=False)
         paths["decode"] = lambda seq: raw.send_multipart(encoded, copy=False)
     return paths
 
 
-def _row(size: int, trials: list[dict[str, Trial]]) -> dict[str, float]:
-    def median(mode: str, metric: str) -> float:
-        return statistics.median(getattr(t[mode], metric) for t in trials)
+def _median(trials: list[dict[str, Trial]], mode: str, metric: str) -> float:
+    return statistics.median(getattr(t[mode], metric) for t in trials)
 
-    raw_rate, mesh_rate = median("raw", "msgs_per_s"), median("mesh", "msgs_per_s")
+
+def _row(size: int, trials: list[dict[str, Trial]]) -> dict[str, float]:
+    raw_rate, mesh_rate = _median(trials, "raw", "msgs_per_s"), _median(trials, "mesh", "msgs_per_s")
     return {
         "size_bytes": size,
         "raw_msgs_per_s": raw_rate,
@@ -139,8 +141,8 @@ def _row(size: int, trials: list[dict[str, Trial]]) -> dict[str, float]:
         "raw_gbps": raw_rate * size / 1e9,
         "mesh_gbps": mesh_rate * size / 1e9,
         "ratio": statistics.median(t["mesh"].msgs_per_s / t["raw"].msgs_per_s for t in trials),
-        "raw_cpu_us_per_msg": median("raw", "cpu_us_per_msg"),
-        "mesh_cpu_us_per_msg": median("mesh", "cpu_us_per_msg"),
+        "raw_cpu_us_per_msg": _median(trials, "raw", "cpu_us_per_msg"),
+        "mesh_cpu_us_per_msg": _median(trials, "mesh", "cpu_us_per_msg"),
         "cpu_ratio": statistics.median(t["raw"].cpu_us_per_msg / t["mesh"].cpu_us_per_msg for t in trials),
     }
 
@@ -154,10 +156,8 @@ def _breakdown(size: int, trials: list[dict[str, Trial]]) -> dict[str, object]:
         "encode": _hot_us(lambda: wire.encode(wire.Activation("bench", 1, tensor))),
         "decode": _hot_us(lambda: float(wire.decode(received).h[-1])),
     }
-    paths = {}
-    for mode in ("raw", "encode", "decode", "mesh"):
-        paths[mode] = {metric: statistics.median(getattr(t[mode], metric) for t in trials)
-                       for metric in ("msgs_per_s", "sender_cpu_us", "receiver_cpu_us")}
+    paths = {mode: {metric: _median(trials, mode, metric) for metric in ("msgs_per_s", "sender_cpu_us", "receiver_cpu_us")}
+             for mode in ("raw", "encode", "decode", "mesh")}
     added = {
         "encode": paths["encode"]["sender_cpu_us"] - paths["raw"]["sender_cpu_us"],
         "decode": paths["decode"]["receiver_cpu_us"] - paths["raw"]["receiver_cpu_us"],
