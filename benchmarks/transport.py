@@ -156,7 +156,8 @@ def _breakdown(size: int, trials: list[dict[str, Trial]]) -> dict[str, object]:
         "encode": _hot_us(lambda: wire.encode(wire.Activation("bench", 1, tensor))),
         "decode": _hot_us(lambda: float(wire.decode(received).h[-1])),
     }
-    paths = {mode: {metric: _median(trials, mode, metric) for metric in ("msgs_per_s", "sender_cpu_us", "receiver_cpu_us")}
+    metrics = ("msgs_per_s", "sender_cpu_us", "receiver_cpu_us")
+    paths = {mode: {metric: _median(trials, mode, metric) for metric in metrics}
              for mode in ("raw", "encode", "decode", "mesh")}
     added = {
         "encode": paths["encode"]["sender_cpu_us"] - paths["raw"]["sender_cpu_us"],
@@ -229,7 +230,8 @@ def _format_breakdown(parts: dict[str, object]) -> str:
     lines = [f"\nbreakdown at {parts['size_bytes'] >> 10} KB (medians): CPU per message, all threads of each process",
              f"{'path':>8} {'msg/s':>8} {'sender us':>10} {'receiver us':>12}"]
     for mode, row in parts["paths"].items():
-        lines.append(f"{mode:>8} {row['msgs_per_s']:>8.0f} {row['sender_cpu_us']:>10.1f} {row['receiver_cpu_us']:>12.1f}")
+        lines.append(f"{mode:>8} {row['msgs_per_s']:>8.0f} {row['sender_cpu_us']:>10.1f}"
+                     f" {row['receiver_cpu_us']:>12.1f}")
     for end in ("encode", "decode"):
         hot, stream = parts["hot_loop_us"][end], parts["in_stream_us"][end]
         lines.append(f"{end}: {hot:.1f} us in a hot loop, adds {stream:.1f} us to its process in the stream "
