@@ -34,10 +34,10 @@ from pathlib import Path
 
 import torch
 
-from dni_mesh.build import build_source, chain_config
+from dni_mesh.build import build_source
 from dni_mesh.launch import run
 from dni_mesh.pipelining import run_gpipe
-from dni_mesh.reference import ChainTrainer
+from dni_mesh.reference import ChainConfig, ChainTrainer, chain_names
 from dni_mesh.topology import Topology, TopologyError, load_topology
 
 NO_DELAY_NOTE = ("gloo's traffic bypasses the mesh's link emulation (and the kernel has no tc "
@@ -130,7 +130,7 @@ def reference_row(config: BenchConfig, mode: str, repeat: int) -> Row:
     """The single-process chain trainer on the same batches, one batch in flight."""
     topology = load_topology(config.topology, [*config.overrides, f"mode={mode}"])
     started = time.monotonic()
-    trainer = ChainTrainer(chain_config(topology))
+    trainer = ChainTrainer(ChainConfig.from_topology(topology))
     train, test = build_source(topology, "train"), build_source(topology, "test")
     step_ends, evals, samples = [], [], 0
     for epoch in range(1, topology.data.epochs + 1):
@@ -165,7 +165,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = print) -> d
     topology is a chain (they need one). Returns the report that `--json` writes."""
     topology = load_topology(config.topology, config.overrides)
     try:
-        chain_config(topology)
+        chain_names(topology)
         peers, notes = True, [f"pipelining-gpipe: {NO_DELAY_NOTE}"]
     except ValueError as error:
         peers, notes = False, [f"no reference or pipelining rows: {error}"]

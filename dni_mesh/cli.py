@@ -30,6 +30,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--summary", type=Path, help="write the run summary as JSON here")
     run.add_argument("--run-dir", type=Path, help="folder for logs and metrics (default runs/NAME-TIME-PID)")
     run.add_argument("--no-live", action="store_true", help="no live table, even on a terminal")
+    run.add_argument("--stall-timeout", type=float, default=30.0, metavar="SECONDS",
+                     help="fail the run when no node has advanced for this long (default 30)")
     run.add_argument("--hosts", choices=["local", "netns"], default="local",
                      help="local: every node on this machine's network; netns: each host of the "
                           "topology in its own network namespace at its address (needs root)")
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             from dni_mesh.bench import bench_main
             return bench_main(args)
         options = dict(run_dir=args.run_dir, summary_path=args.summary, live=not args.no_live,
-                       topology=topology)
+                       topology=topology, stall_s=args.stall_timeout)
         if args.hosts == "netns":
             with Network(topology) as network:
                 run(topology.path, args.overrides, wrap=network.wrap,

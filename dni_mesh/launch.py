@@ -1,10 +1,14 @@
 """The launcher: start every node of a topology as a process on this machine and supervise it.
 
-The launcher binds a control inbox; each node sends Hello, Metrics, Heartbeat and Error there
-and ends that stream with End when it exits. The launcher keeps a live view, writes every
-metrics message to `metrics.jsonl` in the run folder, and fails the run as soon as a node dies
-(naming it and quoting its last output lines). On SIGINT or SIGTERM it sends Stop to every
-node, waits briefly, then kills what is left, so no process outlives the run.
+The launcher binds a control inbox; each node connects to it and sends Hello, Ready, Metrics,
+Heartbeat and Error there, and ends that stream with End when it exits. The launcher keeps a
+live view, writes every metrics message to `metrics.jsonl` in the run folder, and fails the run
+as soon as a node dies (naming it and quoting its last output lines), goes silent, or when the
+mesh stops advancing: every heartbeat carries the node's progress counter, and once no node's
+progress has moved for `stall_s` the run fails naming each unfinished node and what it waits
+for. On SIGINT or SIGTERM it sends Stop to every node, over the connection that node opened
+(nodes take Stop from nowhere else), waits briefly, then kills what is left, so no process
+outlives the run.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import zmq
@@ -24,13 +28,17 @@ import zmq
 from dni_mesh import wire
 from dni_mesh.live import LiveView
 from dni_mesh.topology import Topology, load_topology
-from dni_mesh.transport import Inbox, Peer, PeerTimeout, TransportConfig
+from dni_mesh.transport import Inbox, TransportConfig
 
 STOP_GRACE_S = 3.0
+STARTUP_S = 120.0
+"""A node that is not Ready this long after its process started is taken as hung: the time to
+import torch, load the data and build the node, on a loaded machine."""
 SILENCE_S = 120.0
-"""A node silent this long is taken as hung. Nodes heartbeat every 0.5 s while they wait, and
-report metrics at most twice a second while they step; the margin covers start-up (imports,
-data loading) and a slow single step."""
+"""A Ready node silent this long is taken as hung. Nodes heartbeat every 0.5 s between steps;
+the margin covers a slow single step."""
+STALL_S = 30.0
+"""Once every node is ready, a mesh in which no node's progress moved for this long is stuck."""
 NODE_ENVIRONMENT = {
     # glibc keeps freed ~1 MB message buffers instead of returning their pages to the OS, so a
     # receiver does not page-fault on every message (benchmarks/transport.py: +20-25% at 1 MB).
@@ -54,10 +62,18 @@ class NodeProcess:
     process: subprocess.Popen
     log_path: Path
     hello: wire.Hello | None = None
+    ready: bool = False
     latest: dict = field(default_factory=dict)
     final: dict = field(default_factory=dict)
     evals: list[dict] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
     last_heard: float = field(default_factory=time.monotonic)
+    progress: int = 0
+    advanced: float = field(default_factory=time.monotonic)  # when progress last moved
+    waiting_for: str = "(not reported)"
+
+    def done(self) -> bool:
+        return bool(self.final) or self.process.poll() == 0
 
     def tail(self, lines: int = 20) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -90,17 +106,20 @@ class Launcher:
 
     def __init__(self, topology: Topology, overrides: Sequence[str], run_dir: Path,
                  live: bool = True, wrap: Wrap = no_wrap, control_host: str = "127.0.0.1",
-                 silence_s: float = SILENCE_S):
+                 silence_s: float = SILENCE_S, stall_s: float = STALL_S):
         self.topology = topology
         self.overrides = list(overrides)
         self.run_dir = run_dir
         self.wrap = wrap
         self.context = zmq.Context()
-        # Linger 0: the launcher only answers Ends, and closes once every node has exited.
-        self.inbox = Inbox(f"tcp://{control_host}:0", "launcher", TransportConfig(linger_ms=0),
-                           self.context)
+        # Linger 0: the launcher only answers Ends and sends Stops, and closes once every node
+        # has exited. Control messages carry no tensors: nothing bigger than a header is taken.
+        config = TransportConfig(linger_ms=0, max_msg_bytes=wire.DEFAULT_LIMITS.max_header_bytes,
+                                 limits=replace(wire.DEFAULT_LIMITS, max_tensors=0))
+        self.inbox = Inbox(f"tcp://{control_host}:0", "launcher", config, self.context)
         self.nodes: dict[str, NodeProcess] = {}
         self.silence_s = silence_s
+        self.stall_s = stall_s
         self.view = LiveView(topology, enabled=live)
         run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = (run_dir / "metrics.jsonl").open("w")
@@ -130,17 +149,35 @@ class Launcher:
                 codes = {n: p.process.poll() for n, p in self.nodes.items()}
                 now = time.monotonic()
                 for name, code in codes.items():
-                    node = self.nodes[name]
-                    if code not in (None, 0):
-                        raise NodeFailed(f"node {name} (pid {node.process.pid}) exited with code "
-                                         f"{code}; its last output ({node.log_path}):\n{node.tail()}")
-                    if code is None and now - node.last_heard > self.silence_s:
-                        raise NodeFailed(f"node {name} (pid {node.process.pid}) sent no heartbeat or "
-                                         f"metrics for {self.silence_s:.0f} s: hung? Its last output "
-                                         f"({node.log_path}):\n{node.tail()}")
+                    self.check_alive(self.nodes[name], code, now)
                 if all(code == 0 for code in codes.values()):
                     self.drain()
                     return
+                self.check_progress(now)
+
+    def check_alive(self, node: NodeProcess, code: int | None, now: float) -> None:
+        """Fail the run when the node died, or did not get ready, or went silent once ready."""
+        if code not in (None, 0):
+            problem = f"exited with code {code}"
+        elif code is None and not node.ready and now - node.started > STARTUP_S:
+            problem = f"was not ready {STARTUP_S:.0f} s after it started (hung?)"
+        elif code is None and node.ready and now - node.last_heard > self.silence_s:
+            problem = f"sent no heartbeat or metrics for {self.silence_s:.0f} s (hung?)"
+        else:
+            return
+        raise NodeFailed(f"node {node.name} (pid {node.process.pid}) {problem}; its last output "
+                         f"({node.log_path}):\n{node.tail()}")
+
+    def check_progress(self, now: float) -> None:
+        """Fail the run when every node is ready and none has advanced for stall_s."""
+        if not all(node.ready or node.done() for node in self.nodes.values()):
+            return
+        working = [node for node in self.nodes.values() if not node.done()]
+        if not working or now - max(node.advanced for node in working) <= self.stall_s:
+            return
+        stuck = "\n".join(f"  node {node.name} (pid {node.process.pid}, progress {node.progress}) "
+                          f"waits for {node.waiting_for}" for node in working)
+        raise NodeFailed(f"no node advanced for {self.stall_s:.0f} s: the mesh is stuck\n{stuck}")
 
     def drain(self) -> None:
         """Take the control messages that were sent just before the processes exited."""
@@ -151,9 +188,18 @@ class Launcher:
         node = self.nodes.get(peer)
         if node is None:
             return
-        node.last_heard = time.monotonic()
+        now = node.last_heard = time.monotonic()
         if isinstance(message, wire.Hello):
             node.hello = message
+        elif isinstance(message, wire.Ready):
+            node.ready, node.advanced = True, now
+        elif isinstance(message, wire.Heartbeat):
+            if message.step != node.progress:
+                node.progress, node.advanced = message.step, now
+        elif isinstance(message, wire.End):
+            self.inbox.send(peer, wire.EndAck(message.edge, message.seq))
+        elif isinstance(message, wire.Metrics) and message.values.get("event") == "waiting":
+            node.waiting_for = str(message.values.get("waiting_for"))
         elif isinstance(message, wire.Metrics):
             values = dict(message.values, node=peer, step=message.step)
             self.metrics.write(json.dumps(values) + "\n")
@@ -168,16 +214,8 @@ class Launcher:
     def stop(self, reason: str) -> None:
         """Ask every live node to stop, then kill whatever is left after the grace period."""
         live = [n for n in self.nodes.values() if n.process.poll() is None]
-        # Stop is best effort: never wait long for room, never linger on a node that is gone.
-        config = TransportConfig(block_timeout_ms=200, linger_ms=0)
-        peers = []
-        for node in live:
-            peer = Peer(self.topology.nodes[node.name].address, "launcher", config, self.context)
-            try:
-                peer.send(wire.Stop(node.name, reason))
-            except PeerTimeout:
-                pass  # a node too busy to take Stop is killed below
-            peers.append(peer)
+        for node in live:  # never blocks: a node too busy to take Stop is killed below
+            self.inbox.send(node.name, wire.Stop(node.name, reason))
         deadline = time.monotonic() + STOP_GRACE_S
         while time.monotonic() < deadline and any(n.process.poll() is None for n in live):
             envelope = self.inbox.recv(50)  # a stopping node waits for the ack of its End
@@ -187,8 +225,6 @@ class Launcher:
             if node.process.poll() is None:
                 os.killpg(node.process.pid, signal.SIGKILL)
                 node.process.wait()
-        for peer in peers:
-            peer.close()
 
     def close(self) -> None:
         self.metrics.close()
@@ -208,8 +244,12 @@ class Launcher:
             "nodes": {name: {"pid": n.process.pid, "role": t.nodes[name].role,
                              "host": t.nodes[name].host, "address": t.nodes[name].address,
                              "steps": n.final.get("steps"),
+                             "eval_batches": n.final.get("eval_batches"),
                              "bad_messages": n.final.get("bad_messages"),
-                             "dropped_messages": n.final.get("dropped_messages")}
+                             "unexpected": n.final.get("unexpected"),
+                             "rejected": n.final.get("rejected"),
+                             "dropped_messages": n.final.get("dropped_messages"),
+                             "max_rss_mb": n.final.get("max_rss_mb")}
                       for name, n in self.nodes.items()},
         }
 
@@ -217,11 +257,14 @@ class Launcher:
 def run(topology_path: str | Path, overrides: Sequence[str] = (), run_dir: Path | None = None,
         summary_path: Path | None = None, live: bool = True, wrap: Wrap = no_wrap,
         topology: Topology | None = None, control_host: str = "127.0.0.1",
-        silence_s: float = SILENCE_S) -> dict:
+        silence_s: float = SILENCE_S, stall_s: float = STALL_S) -> dict:
     """Run a whole mesh on this machine; returns (and optionally writes) the summary.
 
     `wrap` changes each node's command and `control_host` is the address the launcher's control
     inbox binds, which every node must reach (e.g. `dni_mesh.netns.Network` gives both).
+
+    `silence_s` and `stall_s` bound how long a node may send nothing and how long the mesh may
+    make no progress before the run fails.
 
     Raises TopologyError before anything starts, NodeFailed when a node dies, Interrupted on
     SIGINT/SIGTERM; in every case no node process is left behind.
@@ -229,7 +272,7 @@ def run(topology_path: str | Path, overrides: Sequence[str] = (), run_dir: Path 
     topology = topology or load_topology(topology_path, overrides)
     run_dir = run_dir or default_run_dir(topology)
     launcher = Launcher(topology, overrides, run_dir, live=live, wrap=wrap, control_host=control_host,
-                        silence_s=silence_s)
+                        silence_s=silence_s, stall_s=stall_s)
     started = time.monotonic()
 
     def interrupt(signum: int, frame: object) -> None:

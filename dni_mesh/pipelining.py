@@ -31,7 +31,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
 
-from dni_mesh.build import build_source, build_stage, chain_config, shapes
+from dni_mesh.build import build_source, build_stage, probe
+from dni_mesh.reference import chain_names
 from dni_mesh.topology import Topology, load_topology
 from dni_mesh.transport import free_tcp_port
 
@@ -53,11 +54,6 @@ class GPipeResult:
     losses: list[float] = field(default_factory=list)
 
 
-def stage_names(topology: Topology) -> list[str]:
-    """The chain's stages in order (the source excluded); refuses anything but a chain."""
-    return [node.name for node in chain_config(topology).nodes]
-
-
 def run_gpipe(topology_path: str | Path, overrides: Sequence[str], out_dir: Path,
               microbatches: int = 4) -> GPipeResult:
     """Train the topology's chain with GPipe, one spawned process per stage; evaluate as the
@@ -67,7 +63,7 @@ def run_gpipe(topology_path: str | Path, overrides: Sequence[str], out_dir: Path
         raise ValueError(f"batch_size {topology.data.batch_size} does not split into "
                          f"{microbatches} equal microbatches")
     out_dir.mkdir(parents=True, exist_ok=True)
-    stages = len(stage_names(topology))
+    stages = len(chain_names(topology))
     started = time.monotonic()  # CLOCK_MONOTONIC is system-wide: the stages measure from it too
     mp.spawn(_stage_process, nprocs=stages, join=True,
              args=(str(topology.path), list(overrides), free_tcp_port(), microbatches, started,
@@ -80,7 +76,7 @@ def run_gpipe(topology_path: str | Path, overrides: Sequence[str], out_dir: Path
 def _stage_process(rank: int, path: str, overrides: list[str], port: int, microbatches: int,
                    started: float, out_dir: str) -> None:
     topology = load_topology(path, [*overrides, "mode=backprop"])
-    names = stage_names(topology)
+    names = chain_names(topology)
     torch.set_num_threads(topology.nodes[names[rank]].threads)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=len(names), timeout=TIMEOUT)
@@ -104,7 +100,8 @@ class _GPipeStage:
         self.stage = build_stage(topology, names[rank])
         self.module = self.stage.module
         self.batch_size = topology.data.batch_size
-        out, num_classes = shapes(topology)
+        found = probe(topology)
+        out, num_classes = found.shapes, found.num_classes
         size = self.batch_size // microbatches
         # Shapes given up front: inferring them runs the module on an uninitialised buffer,
         # which puts NaN into the running statistics of batch norm.

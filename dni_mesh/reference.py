@@ -1,75 +1,36 @@
 """Single-process reference trainer for a chain of stages: the oracle for the mesh.
 
-It replays, in one process, the exact event order of the distributed mesh with ONE batch in
-flight. For batch t: every stage's forward in chain order (a DNI stage updates at once), the
-head's loss and update; then, from the head back, each stage's backward(t, grad) with the
-gradient its downstream peer sent (from that peer's forward in DNI modes, from its backward in
-locked modes). Stages are built by `build_stage`, which the mesh uses too: weights depend only
-on (seed, node name), so both build identical networks and their losses can be compared.
+It drives the same node cores as the mesh (`dni_mesh.core`), in one process, with ONE batch in
+flight: the trainer hands batch t to the first stage as the source would, then delivers every
+message the cores send, in the order they send them, until none is left. With one batch in flight
+each node sees its events in the same order as in the mesh at window 1 (forward t, the answer
+to t, forward t + 1), so both compute the same numbers. Stages are built by
+`dni_mesh.build.make_stage`, which the mesh uses too: weights depend only on (seed, node name).
 """
-import zlib
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from dni_mesh.stage import SYNTHETIC_MODES, Stage, StageConfig, StepResult
-from dni_mesh.synthetic import SyntheticGradientConfig, Synthesizer, make_optimizer
+from dni_mesh import wire
+from dni_mesh.build import make_stage, module_factory, output_spec, probe
+from dni_mesh.core import (Acknowledge, Action, Core, EndEdge, InEdge, OutEdge, Record, Reject, Send,
+                           StageCore, Wiring)
+from dni_mesh.stage import Stage
+from dni_mesh.synthetic import SyntheticGradientConfig
+from dni_mesh.topology import Topology
+from dni_mesh.update import update_rule
 
-
-def node_seed(seed: int, name: str) -> int:
-    """A stable per-node seed (crc32, unlike Python's salted hash())."""
-    return zlib.crc32(f"{seed}/{name}".encode())
-
-
-def output_shape(module: nn.Module, input_shapes: Sequence[tuple[int, ...]],
-                 device: torch.device | str = "cpu") -> tuple[int, ...]:
-    """One sample's output shape, from a dry run in eval mode (no statistics change)."""
-    was_training = module.training
-    module.eval()
-    with torch.no_grad():
-        out = module(*[torch.zeros(2, *shape, device=device) for shape in input_shapes])
-    module.train(was_training)
-    return tuple(out.shape[1:])
-
-
-def build_stage(name: str, make_module: Callable[[], nn.Module], *,
-                input_shapes: Sequence[tuple[int, ...]], optimizer: dict,
-                config: StageConfig, synthetic_gradient: SyntheticGradientConfig | None = None,
-                head: bool = False, num_classes: int | None = None, seed: int = 0,
-                device: torch.device | str = "cpu") -> Stage:
-    """Construct a node's module, optimizer and synthesizer, seeded from (seed, name).
-
-    The module is built under node_seed(seed, name) and the synthesizer under
-    node_seed(seed, name + "/synthesizer"), both on the CPU and inside a forked RNG, so the
-    caller's random state is untouched and changing one never shifts the other's weights.
-    input_shapes are per-sample (float) input shapes, used to size the synthesizer. Mode
-    "cdni" makes the synthesizer conditioned and "dni" unconditioned; "bp_lambda" keeps
-    synthetic_gradient.conditioned.
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(node_seed(seed, name))
-        module = make_module()
-    synthesizer = sg_optimizer = None
-    if not head and config.mode in SYNTHETIC_MODES:
-        sg_config = synthetic_gradient or SyntheticGradientConfig()
-        if config.mode != "bp_lambda":
-            sg_config = replace(sg_config, conditioned=config.mode == "cdni")
-        shape = output_shape(module, input_shapes)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(node_seed(seed, name + "/synthesizer"))
-            synthesizer = Synthesizer(shape, num_classes, sg_config)
-        sg_optimizer = make_optimizer(synthesizer.parameters(), sg_config.optimizer)
-    module.to(device)
-    if synthesizer is not None:
-        synthesizer.to(device)
-    return Stage(name, module, make_optimizer(module.parameters(), optimizer), synthesizer,
-                 sg_optimizer, config, head=head, num_classes=num_classes, device=device)
+SOURCE = "source"
 
 
 @dataclass
-class NodeSpec:
+class ChainNode:
     """One node of the chain: a name and a zero-argument module factory (e.g. a partial).
 
     The other fields, when set, override the ChainConfig's setting for this node.
@@ -85,83 +46,183 @@ class NodeSpec:
 @dataclass
 class ChainConfig:
     """A chain source -> nodes[0] -> ... -> nodes[-1]; the last node is the head."""
-    nodes: list[NodeSpec]
+    nodes: list[ChainNode]
     input_shape: tuple[int, ...]      # one sample of the source data
     num_classes: int
+    input_dtype: torch.dtype = torch.float32
     mode: str = "dni"                 # "backprop" | "dni" | "cdni" | "bp_lambda"
     optimizer: dict = field(default_factory=lambda: {"name": "adam", "lr": 3e-4})
     synthetic_gradient: SyntheticGradientConfig = field(default_factory=SyntheticGradientConfig)
     bp_lambda: float = 1.0
-    max_pending: int = 64
     seed: int = 0
     device: str = "cpu"
+    batch_size: int = 1 << 16         # the largest batch the chain will be given
+
+    @classmethod
+    def from_topology(cls, topology: Topology) -> ChainConfig:
+        """The reference of a chain topology (source -> stages -> head)."""
+        order = chain_names(topology)
+        first = topology.nodes[order[0]]
+        found = probe(topology)
+        return cls(
+            nodes=[ChainNode(name, module_factory(topology, name), topology.nodes[name].mode)
+                   for name in order],
+            input_shape=found.shapes[topology.source], num_classes=found.num_classes,
+            input_dtype=found.dtypes[topology.source], mode=topology.mode, optimizer=first.optimizer,
+            synthetic_gradient=SyntheticGradientConfig(**first.synthetic_gradient),
+            bp_lambda=first.bp_lambda, seed=topology.seed, device=first.device,
+            batch_size=topology.data.batch_size)
+
+
+class Bus:
+    """Runs node cores in one process: delivers what they send, first sent first delivered.
+
+    Messages for a node that has no core here are kept in `outside` (the trainer plays the
+    source that way). A rejected message is a bug in one process, so it raises.
+    """
+
+    def __init__(self, cores: dict[str, Core]):
+        self.cores = cores
+        self.queue: deque[tuple[str, str, wire.Message]] = deque()
+        self.records: list[tuple[str, Record]] = []
+        self.outside: list[tuple[str, str, wire.Message]] = []
+
+    def post(self, node: str, peer: str, message: wire.Message) -> None:
+        self.queue.append((node, peer, message))
+
+    def start(self) -> None:
+        for name, core in self.cores.items():
+            self.carry_out(name, core.advance())
+
+    def run(self) -> None:
+        """Deliver until nothing is left to deliver."""
+        while self.queue:
+            node, peer, message = self.queue.popleft()
+            core = self.cores.get(node)
+            if core is None:
+                self.outside.append((node, peer, message))
+            else:
+                self.carry_out(node, core.receive(peer, message))
+
+    def carry_out(self, node: str, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Send):
+                self.post(action.node, node, action.message)
+            elif isinstance(action, EndEdge):
+                self.post(action.node, node, wire.End(action.edge, action.count))
+            elif isinstance(action, Record):
+                self.records.append((node, action))
+            elif isinstance(action, Reject):
+                raise RuntimeError(f"node {node} rejected a {action.kind} from {action.peer}: "
+                                   f"{action.reason}")
+            elif not isinstance(action, Acknowledge):
+                raise TypeError(f"node {node}: unknown action {action!r}")
+
+    def stuck(self) -> str:
+        """Every unfinished core and what it waits for."""
+        return "; ".join(f"{name} waits for {core.waiting_for()}"
+                         for name, core in self.cores.items() if not core.finished)
+
+
+def chain_names(topology: Topology) -> list[str]:
+    """The chain's stages in order (the source excluded).
+
+    The reference takes one optimizer and synthesizer setting for the whole chain, so every
+    node must share them; anything else is refused (ValueError) rather than silently compared
+    wrongly.
+    """
+    order = topology.topological_order()[1:]
+    chain = [topology.source, *order]
+    if [(e.src, e.dst) for e in topology.edges] != list(zip(chain, chain[1:])):
+        raise ValueError(f"{topology.path}: the reference trainer needs a chain, got edges "
+                         f"{', '.join(str(e) for e in topology.edges)}")
+    first = topology.nodes[order[0]]
+    for name in order:
+        spec = topology.nodes[name]
+        same_synthesizer = spec.role == "head" or spec.synthetic_gradient == first.synthetic_gradient
+        if not same_synthesizer or (spec.optimizer, spec.bp_lambda) != (first.optimizer, first.bp_lambda):
+            raise ValueError(f"{topology.path}: node {name} has its own optimizer or synthetic "
+                             "gradient settings; the reference trainer needs them shared")
+    return order
 
 
 @dataclass
 class Evaluation:
-    loss: float        # mean cross-entropy per sample
+    loss: float        # mean cross-entropy per labelled sample
     accuracy: float
     samples: int
 
 
 class ChainTrainer:
-    """Trains a chain of stages in the mesh's event order; records every step's loss."""
+    """Trains a chain of stages through their node cores; records every step's loss."""
 
     def __init__(self, config: ChainConfig):
         self.config = config
-        self.stages: list[Stage] = []
-        shape = tuple(config.input_shape)
+        names = [SOURCE, *(node.name for node in config.nodes)]
+        self.edge = f"{SOURCE}->{names[1]}"  # where the trainer feeds its batches
+        self.cores: dict[str, StageCore] = {}
+        shape, dtype = tuple(config.input_shape), config.input_dtype
         for i, node in enumerate(config.nodes):
-            stage = self.build(node, shape, head=i == len(config.nodes) - 1)
-            self.stages.append(stage)
-            if not stage.head:
-                shape = output_shape(stage.module, [shape], stage.device)
+            head = i == len(config.nodes) - 1
+            stage = self.build(node, shape, head)
+            wired = Wiring(
+                node.name,
+                inputs=(InEdge(f"{names[i]}->{node.name}", names[i], 1, i > 0, shape, dtype),),
+                outputs=() if head else (OutEdge(f"{node.name}->{names[i + 2]}", names[i + 2]),),
+                window=1, trains=True, batch_size=config.batch_size, num_classes=config.num_classes)
+            self.cores[node.name] = StageCore(wired, stage, time.monotonic)
+            if not head:
+                shape, dtype = output_spec(stage.module, [shape], stage.device)
+        self.stages: list[Stage] = [core.stage for core in self.cores.values()]
+        self.bus = Bus(dict(self.cores))
+        self.head = self.cores[config.nodes[-1].name]
         self.losses: list[float] = []
         self.seq = 0
 
-    def build(self, node: NodeSpec, input_shape: tuple[int, ...], head: bool) -> Stage:
+    def build(self, node: ChainNode, input_shape: tuple[int, ...], head: bool) -> Stage:
         c = self.config
-        lam = c.bp_lambda if node.bp_lambda is None else node.bp_lambda
-        return build_stage(
+        rule = None
+        if not head:
+            sg = node.synthetic_gradient or c.synthetic_gradient
+            rule = update_rule(node.mode or c.mode, target=sg.target,
+                               bp_lambda=c.bp_lambda if node.bp_lambda is None else node.bp_lambda)
+        return make_stage(
             node.name, node.make, input_shapes=[input_shape],
-            optimizer=node.optimizer or c.optimizer,
-            config=StageConfig(mode=node.mode or c.mode, bp_lambda=lam, max_pending=c.max_pending),
-            synthetic_gradient=node.synthetic_gradient or c.synthetic_gradient, head=head,
+            optimizer=node.optimizer or c.optimizer, rule=rule,
+            synthetic_gradient=node.synthetic_gradient or c.synthetic_gradient,
             num_classes=c.num_classes, seed=c.seed, device=c.device)
 
-    def step(self, x: Tensor, y: Tensor) -> StepResult:
-        """Train on one batch; returns the head's result (loss, correct)."""
+    def feed(self, x: Tensor, y: Tensor, phase: str) -> list[Record]:
+        """Hand one batch to the first stage as the source would, and deliver every message
+        until none is left; the records the head made meanwhile."""
         seq, self.seq = self.seq, self.seq + 1
-        sent_up: list[Tensor | None] = []     # gradient each stage sends to its upstream peer
-        h = x
-        for i, stage in enumerate(self.stages):
-            result = stage.forward(seq, [h], y, needs_input_grad=[i > 0])
-            sent_up.append(result.input_grads[0] if result.input_grads else None)
-            h = result.output
-        for i in reversed(range(len(self.stages) - 1)):
-            back = self.stages[i].backward(seq, sent_up[i + 1])
-            if back.input_grads:
-                sent_up[i] = back.input_grads[0]
-        self.losses.append(result.loss)
-        return result
+        self.bus.post(self.config.nodes[0].name, SOURCE, wire.Activation(self.edge, seq, x, y, phase))
+        self.bus.run()
+        answers = [m for node, _, m in self.bus.outside if node == SOURCE and m.seq == seq]
+        if len(answers) != 1 or len(self.bus.outside) != 1:
+            raise RuntimeError(f"reference: seq {seq} was answered {len(answers)} times, not once")
+        self.bus.outside.clear()
+        records = [r for node, r in self.bus.records if node == self.head.wiring.node]
+        self.bus.records.clear()
+        return records
+
+    def step(self, x: Tensor, y: Tensor) -> float:
+        """Train on one batch; returns the head's loss."""
+        records = self.feed(x, y, "train")
+        loss = next(r.values["loss"] for r in records if r.values.get("event") == "step")
+        self.losses.append(loss)
+        return loss
 
     def train_epoch(self, source, epoch: int) -> list[float]:
         """One pass over source.iterate(epoch); returns this epoch's losses."""
-        return [self.step(x, y).loss for x, y in source.iterate(epoch)]
+        return [self.step(x, y) for x, y in source.iterate(epoch)]
 
     def evaluate(self, source: Iterable[tuple[Tensor, Tensor]]) -> Evaluation:
-        return evaluate(self.stages, source)
+        """Mean loss and accuracy over a data source, through the cores' evaluation path."""
+        for x, y in source:
+            self.feed(x, y, "eval")
+        result = self.head.eval.result()
+        self.head.close_eval()
+        return Evaluation(result.get("test_loss", 0.0), result.get("test_accuracy", 0.0),
+                          result["test_samples"])
 
-
-def evaluate(stages: Sequence[Stage], source: Iterable[tuple[Tensor, Tensor]]) -> Evaluation:
-    """Mean loss and accuracy of a chain of stages (last = head) over a data source."""
-    total_loss = correct = samples = 0
-    for x, y in source:
-        h = x
-        for stage in stages:
-            result = stage.forward(-1, [h], y, train=False)
-            h = result.output
-        total_loss += result.loss * len(y)
-        correct += result.correct
-        samples += len(y)
-    return Evaluation(total_loss / max(samples, 1), correct / max(samples, 1), samples)

@@ -1,62 +1,53 @@
 """One node's learning step: its module, optimizer and (for DNI) synthesizer, with no transport.
 
-The node runtime calls `forward(seq, ...)` when an activation arrives and `backward(seq, grad)`
-when the gradient for that seq comes back (summed over all consumers); it ships what the calls
-return. Modes, for a node's outgoing interface:
+The node core calls `forward(seq, ...)` when the activations of step seq have arrived and
+`backward(seq, grad)` when the gradient of that step's output comes back (summed over all
+consumers); it ships what the calls return. What happens in between is the node's update rule
+(`dni_mesh.update`):
 
-- "dni" / "cdni": update at once with the synthetic gradient g = M(h) (cDNI: M(h, labels))
-  and fit M when the real gradient for seq comes back. What goes upstream, as the target of
-  the upstream synthesizer, is set by the synthesizer's `target`:
-    "bootstrap" (the paper's): the gradient that g implies for the inputs, sent at once;
-    "backprop": the gradient that came back, backpropagated through the module when it
-    arrives (recomputed with the current weights), so that every synthesizer regresses onto
-    the true gradient of the loss, one round trip late. Updates stay synthetic and unlocked;
-    the upstream node's window waits longer for its answer.
-- "backprop": locked; keep the graph until the gradient comes back, then update and send the
+- `SyntheticGradient`: update at once with g = M(h) (conditioned: M(h, labels)) and fit M when
+  the true gradient for seq comes back. Upstream goes, per the rule's target, either the input
+  gradient g implies, at once (bootstrap), or the true gradient backpropagated through the
+  module when it arrives (backprop, recomputed with the current weights).
+- `Backprop`: locked; keep the graph until the gradient comes back, then update and send the
   true input gradients upstream. Calls must alternate forward(t), backward(t): a later
   forward's graph would be invalidated by the earlier batch's in-place update.
-- "bp_lambda": the paper's BP(lambda) (Jaderberg et al. 2016, supplement A): locked like
-  backprop, but the gradient applied to h is the mixture
-      lam * grad + (1 - lam) * M(h)
-  where grad is what came back from downstream (itself the downstream node's mixture, so the
-  rule is recursive: lam = 1 is backprop, lam = 0 is pure synthetic gradients). The mixture is
-  what gets backpropagated into the module and on to the upstream node; M is fitted on grad.
+- `BPLambda`: locked like backprop, but the gradient applied to h is lam * grad + (1 - lam) *
+  M(h), where grad is itself the downstream node's mixture (lam = 1 is backprop, lam = 0 pure
+  synthetic gradients). The mixture is backpropagated into the module and upstream; M is fitted
+  on grad.
 
-A head stage owns the loss (cross-entropy): it updates from the true gradient in `forward` and
-returns the true input gradients, the loss and the number of correct predictions.
+A head stage owns an objective (the loss) instead of a rule: it updates from the true gradient
+in `forward` and returns the true input gradients, the loss and the number of correct
+predictions.
+
+The pending table holds at most `window` steps: the node core never has more outputs in flight,
+so a stage never has to evict (and so never to forget to answer) one.
 """
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from dni_mesh.objective import Objective
 from dni_mesh.synthetic import Synthesizer, fit
-
-MODES = ("backprop", "dni", "cdni", "bp_lambda")
-SYNTHETIC_MODES = ("dni", "cdni", "bp_lambda")
-
-
-@dataclass
-class StageConfig:
-    mode: str = "dni"          # "backprop" | "dni" | "cdni" | "bp_lambda"
-    bp_lambda: float = 1.0     # bp_lambda: weight of the gradient from downstream
-    max_pending: int = 64      # bounded pending table; overflow evicts the oldest (counted)
+from dni_mesh.update import Backprop, BPLambda, SyntheticGradient, UpdateRule
 
 
 @dataclass
 class StepResult:
     output: Tensor | None                   # activation for downstream (detached); None for a head
     input_grads: list[Tensor | None] | None  # per input, gradient to send upstream now
-    loss: float | None = None               # head: task loss
+    loss: float | None = None               # head: the objective's loss
     correct: int | None = None              # head: correct predictions in the batch
 
 
 @dataclass
 class BackwardResult:
-    input_grads: list[Tensor | None] | None  # backprop/bp_lambda: gradients to send upstream
+    input_grads: list[Tensor | None] | None  # gradients to send upstream now, if any
     sg_loss: float | None = None            # synthesizer regression loss, when it was fitted
 
 
@@ -64,87 +55,90 @@ class BackwardResult:
 class StageStats:
     steps: int = 0      # module optimizer steps
     sg_fits: int = 0    # synthesizer regression steps
-    stale: int = 0      # backward for a seq already answered or evicted
+    stale: int = 0      # backward for a seq already answered
     unknown: int = 0    # backward for a seq never taken forward in training
-    evicted: int = 0    # pending entries dropped because the table was full
 
 
 @dataclass
 class Pending:
     """What a node keeps for a seq until its gradient comes back."""
-    h: Tensor                                # output; attached to the graph in locked modes
+    h: Tensor                                # output; attached to the graph in locked rules
     labels: Tensor | None
-    inputs: list[Tensor] = field(default_factory=list)   # leaves: locked modes, target backprop
+    inputs: list[Tensor] = field(default_factory=list)   # leaves: locked rules, target backprop
     needs_grad: list[bool] = field(default_factory=list)  # target backprop: inputs to answer
 
 
 class Stage:
-    """One node's module + optimizer (+ synthesizer). Head stages own the loss."""
+    """One node's module + optimizer (+ synthesizer). A head has an objective, a stage a rule."""
 
-    def __init__(self, name: str, module: nn.Module, optimizer: Optimizer,
-                 synthesizer: Synthesizer | None, sg_optimizer: Optimizer | None,
-                 config: StageConfig, head: bool = False, num_classes: int | None = None,
-                 device: torch.device | str = "cpu"):
-        if config.mode not in MODES:
-            raise ValueError(f"stage {name}: mode {config.mode!r}, expected one of {MODES}")
-        if config.max_pending < 1:
-            raise ValueError(f"stage {name}: max_pending must be at least 1")
-        if not head and config.mode in SYNTHETIC_MODES and (synthesizer is None or sg_optimizer is None):
-            raise ValueError(f"stage {name}: mode {config.mode} needs a synthesizer and its optimizer")
-        if (not head and config.mode in ("dni", "cdni")
-                and synthesizer.conditioned != (config.mode == "cdni")):
-            raise ValueError(f"stage {name}: mode {config.mode} needs a "
-                             f"{'' if config.mode == 'cdni' else 'un'}conditioned synthesizer")
+    def __init__(self, name: str, module: nn.Module, optimizer: Optimizer, *,
+                 rule: UpdateRule | None = None, objective: Objective | None = None,
+                 synthesizer: Synthesizer | None = None, sg_optimizer: Optimizer | None = None,
+                 window: int = 1, device: torch.device | str = "cpu"):
+        if (rule is None) == (objective is None):
+            raise ValueError(f"stage {name}: give an update rule (a stage) or an objective "
+                             "(a head), not both or neither")
+        if window < 1:
+            raise ValueError(f"stage {name}: window must be at least 1, got {window}")
+        if rule is not None and rule.synthetic and (synthesizer is None or sg_optimizer is None):
+            raise ValueError(f"stage {name}: rule {rule} needs a synthesizer and its optimizer")
+        if isinstance(rule, SyntheticGradient) and synthesizer.conditioned != rule.conditioned:
+            raise ValueError(f"stage {name}: rule {rule} needs a "
+                             f"{'' if rule.conditioned else 'un'}conditioned synthesizer")
         self.name = name
         self.device = torch.device(device)
         self.module = module.to(self.device)
         self.optimizer = optimizer
+        self.rule = rule
+        self.objective = objective
         self.synthesizer = synthesizer.to(self.device) if synthesizer is not None else None
         self.sg_optimizer = sg_optimizer
-        self.config = config
-        self.head = head
-        self.num_classes = num_classes
+        self.window = window
         self.stats = StageStats()
-        self.pending: OrderedDict[int, Pending] = OrderedDict()
+        self.pending: dict[int, Pending] = {}
         self.last_seq = -1  # highest seq taken forward in training: tells stale from unknown
 
+    @property
+    def head(self) -> bool:
+        return self.objective is not None
+
     def forward(self, seq: int, inputs: list[Tensor], labels: Tensor | None,
-                needs_input_grad: list[bool] | None = None, train: bool = True) -> StepResult:
-        """Run the module on inputs (called as module(*inputs)).
+                needs_input_grad: list[bool] | None = None) -> StepResult:
+        """Train on step seq: run the module on inputs (called as module(*inputs)).
 
         needs_input_grad: per input, whether to return its gradient; None asks for every
-        floating-point input. train=False evaluates: no update, nothing kept.
+        floating-point input.
         """
+        if len(self.pending) >= self.window:
+            raise RuntimeError(f"stage {self.name}: forward of seq {seq} with {self.window} steps "
+                               "already waiting for their gradient (the window is full)")
         labels = labels.to(self.device) if labels is not None else None
-        if not train:
-            return self.evaluate(inputs, labels)
         if needs_input_grad is None:
             needs_input_grad = [x.is_floating_point() for x in inputs]
-        # target backprop: input gradients come later, from backward; the synthetic update skips them
-        deferred = (not self.head and self.config.mode in ("dni", "cdni")
-                    and self.synthesizer.target == "backprop" and any(needs_input_grad))
+        deferred = (isinstance(self.rule, SyntheticGradient) and self.rule.defers_input_grads
+                    and any(needs_input_grad))
         leaves = [x.to(self.device).detach().requires_grad_(need and not deferred)
                   for x, need in zip(inputs, needs_input_grad, strict=True)]
         self.module.train()
         self.last_seq = max(self.last_seq, seq)
-        if self.head:
+        if self.objective is not None:
             return self.head_step(leaves, labels)
         h = self.module(*leaves)
-        if self.config.mode in ("backprop", "bp_lambda"):
-            self.keep(seq, Pending(h, labels, leaves))
+        if self.rule.locked:
+            self.pending[seq] = Pending(h, labels, leaves)
             return StepResult(output=h.detach(), input_grads=None)
         self.apply(h, self.synthetic_gradient(h.detach(), labels))
         if deferred:
-            self.keep(seq, Pending(h.detach(), labels, leaves, list(needs_input_grad)))
+            self.pending[seq] = Pending(h.detach(), labels, leaves, list(needs_input_grad))
             return StepResult(output=h.detach(), input_grads=None)
-        self.keep(seq, Pending(h.detach(), labels))
+        self.pending[seq] = Pending(h.detach(), labels)
         return StepResult(output=h.detach(), input_grads=grads_of(leaves))
 
     def backward(self, seq: int, grad: Tensor) -> BackwardResult:
         """Take the gradient for seq's output (summed over consumers).
 
-        DNI: fit the synthesizer on it. Locked modes: update now and return input gradients.
-        A stale or unknown seq is counted and ignored.
+        Synthetic gradients: fit the synthesizer on it. Locked rules: update now and return the
+        input gradients. A stale or unknown seq is counted and ignored.
         """
         entry = self.pending.pop(seq, None)
         if entry is None:
@@ -154,11 +148,11 @@ class Stage:
                 self.stats.unknown += 1
             return BackwardResult(input_grads=None)
         grad = grad.to(device=self.device, dtype=entry.h.dtype)  # the wire may carry less
-        if self.config.mode == "backprop":
+        if isinstance(self.rule, Backprop):
             self.apply(entry.h, grad)
             return BackwardResult(input_grads=grads_of(entry.inputs))
-        if self.config.mode == "bp_lambda":
-            lam = self.config.bp_lambda
+        if isinstance(self.rule, BPLambda):
+            lam = self.rule.lam
             synthetic = self.synthetic_gradient(entry.h.detach(), entry.labels)
             self.apply(entry.h, lam * grad + (1 - lam) * synthetic)
             return BackwardResult(input_grads=grads_of(entry.inputs),
@@ -169,27 +163,29 @@ class Stage:
 
     def head_step(self, leaves: list[Tensor], labels: Tensor | None) -> StepResult:
         if labels is None:
-            raise ValueError(f"head stage {self.name} needs labels")
-        logits = self.module(*leaves)
-        loss = F.cross_entropy(logits, labels)
+            raise ValueError(f"head stage {self.name} needs labels to train")
+        output = self.module(*leaves)
+        loss = self.objective.loss(output, labels)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         self.stats.steps += 1
         return StepResult(output=None, input_grads=grads_of(leaves), loss=loss.item(),
-                          correct=count_correct(logits, labels))
+                          correct=self.objective.correct(output, labels))
 
     def evaluate(self, inputs: list[Tensor], labels: Tensor | None) -> StepResult:
+        """Forward only: no update, nothing kept. A head without labels reports no loss."""
         self.module.eval()
         with torch.no_grad():
             out = self.module(*[x.to(self.device) for x in inputs])
-        if not self.head:
+        if self.objective is None:
             return StepResult(output=out, input_grads=None)
         if labels is None:
             return StepResult(output=None, input_grads=None)
+        labels = labels.to(self.device)
         return StepResult(output=None, input_grads=None,
-                          loss=F.cross_entropy(out, labels).item(),
-                          correct=count_correct(out, labels))
+                          loss=self.objective.loss(out, labels).item(),
+                          correct=self.objective.correct(out, labels))
 
     def synthetic_gradient(self, h: Tensor, labels: Tensor | None) -> Tensor:
         with torch.no_grad():
@@ -223,16 +219,33 @@ class Stage:
         self.stats.sg_fits += 1
         return loss
 
-    def keep(self, seq: int, entry: Pending) -> None:
-        while len(self.pending) >= self.config.max_pending:
-            self.pending.popitem(last=False)
-            self.stats.evicted += 1
-        self.pending[seq] = entry
+    def state_dict(self) -> dict:
+        """Everything learned and counted: module, optimizer, synthesizer and its optimizer,
+        statistics. Steps in flight (the pending table) are not state: a restored stage starts
+        with none, and its node core expires what it had sent. Plain tensors and numbers only,
+        so `torch.load(weights_only=True)` reads it back."""
+        state = {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "stats": asdict(self.stats), "last_seq": self.last_seq}
+        if self.synthesizer is not None:
+            state["synthesizer"] = self.synthesizer.state_dict()
+            state["sg_optimizer"] = self.sg_optimizer.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` saved, into a stage built with the same settings."""
+        has_synthesizer = "synthesizer" in state
+        if has_synthesizer != (self.synthesizer is not None):
+            raise ValueError(f"stage {self.name}: the state {'has' if has_synthesizer else 'lacks'}"
+                             " a synthesizer and this stage does not match")
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.synthesizer is not None:
+            self.synthesizer.load_state_dict(state["synthesizer"])
+            self.sg_optimizer.load_state_dict(state["sg_optimizer"])
+        self.stats = StageStats(**state["stats"])
+        self.last_seq = int(state["last_seq"])
+        self.pending.clear()
 
 
 def grads_of(leaves: list[Tensor]) -> list[Tensor | None]:
     return [x.grad if x.requires_grad else None for x in leaves]
-
-
-def count_correct(logits: Tensor, labels: Tensor) -> int:
-    return int((logits.argmax(dim=1) == labels).sum().item())

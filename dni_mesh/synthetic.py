@@ -25,9 +25,8 @@ class SyntheticGradientConfig:
     activations, "auto" picks conv for 3-d activations and mlp otherwise.
     scale: the prediction is multiplied by it before the node applies it (M is still fitted
     on the raw target), a damping trick for the first steps.
-    target: what the synthesizer *upstream* of this node is fitted on (see dni_mesh.stage):
-    "bootstrap" (the paper's), the gradient this node's prediction implies, sent at once; or
-    "backprop", the true gradient, sent when it comes back from downstream.
+    target: what the synthesizer *upstream* of this node is fitted on, "bootstrap" (the
+    paper's) or "backprop": it becomes the node's update rule (`dni_mesh.update.Target`).
     """
 
     hidden: int = 0
@@ -39,9 +38,6 @@ class SyntheticGradientConfig:
     optimizer: dict = field(default_factory=lambda: {"name": "adam", "lr": 1e-4})
     scale: float = 1.0
     target: str = "bootstrap"
-
-
-TARGETS = ("bootstrap", "backprop")
 
 
 def zero_(layer: nn.Module) -> nn.Module:
@@ -80,9 +76,6 @@ class Synthesizer(nn.Module):
         self.conditioned = config.conditioned
         self.num_classes = num_classes
         self.scale = config.scale
-        if config.target not in TARGETS:
-            raise ValueError(f"synthesizer target {config.target!r}: expected one of {TARGETS}")
-        self.target = config.target
         extra = num_classes if config.conditioned else 0
         hidden = 0 if kind == "linear" else config.hidden
         if kind == "conv":

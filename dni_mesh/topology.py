@@ -83,7 +83,6 @@ class NodeSpec:
     synthetic_gradient: dict[str, Any]  # the fields of SyntheticGradientConfig
     device: str
     threads: int
-    max_pending: int
     window: int
     bp_lambda: float
     host: str
@@ -351,7 +350,7 @@ def _node_spec(raw: RawTopology, name: str, node: NodeFile, mode: str | None, ho
     return NodeSpec(
         name=name, role=node.role, module=node.module, args=node.args,
         optimizer=node.optimizer.model_dump(), synthetic_gradient=sg, device=node.device,
-        threads=node.threads, max_pending=node.max_pending, window=node.window,
+        threads=node.threads, window=node.window,
         bp_lambda=node.bp_lambda, host=host.name, port=port,
         address=f"tcp://{host.address}:{port}", mode=mode)
 

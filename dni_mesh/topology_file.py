@@ -95,7 +95,6 @@ class SettingsFile(_Strict):
     synthetic_gradient: SyntheticGradientFile = Field(default_factory=SyntheticGradientFile)
     device: Annotated[str, Field(pattern=r"^(cpu|cuda|cuda:[0-9]+)$")] = "cpu"
     threads: PositiveInt = 1
-    max_pending: PositiveInt = 64
     window: PositiveInt = 1
     bp_lambda: Annotated[float, Field(ge=0, le=1)] = 1.0
 

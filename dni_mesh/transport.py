@@ -4,11 +4,13 @@ Every process binds ONE `Inbox` (a ROUTER socket). To send to another process it
 `Peer` (a DEALER socket whose ROUTING_ID is the sender's name) to that process's inbox. ROUTER/DEALER
 rather than PUSH/PULL because the inbox then learns who sent each message from the transport, not
 from the message; it keeps one bounded queue per sender (one flooding peer cannot starve the rest);
-and the same connection carries the end-of-stream acknowledgement back.
+and the same connection carries replies back (`Inbox.send`, `Peer.recv`): the EndAck for an End,
+the launcher's Stop to a node.
 
 Messages are `wire.encode` frames. Tensor frames go out zero-copy (pyzmq still copies frames under
 64 KiB) and come in as views of the received ZeroMQ frames. A frame that `wire.decode` rejects is
-logged, counted and dropped: a bad peer can never raise inside the receiving node.
+logged, counted and dropped: a bad peer can never raise inside the receiving node. The transport
+never answers a message on its own: whether an End is acknowledged is the application's decision.
 
 Share one `zmq.Context` per process: create it in `main` and pass it to every Inbox and Peer (its
 one I/O thread carries about 2 GB/s on a loaded 2-core machine). Without one, each socket gets a
@@ -145,16 +147,33 @@ def _deadline(timeout_ms: int | None) -> float | None:
     return None if timeout_ms is None else time.monotonic() + timeout_ms / 1000
 
 
+def _expired(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() >= deadline
+
+
+def _remaining_ms(deadline: float) -> int:
+    return max(0, math.ceil((deadline - time.monotonic()) * 1000))
+
+
+def _slice_ms(deadline: float | None, slice_ms: int) -> int:
+    """How long the next wait inside libzmq may be: a slice, or what is left before the deadline."""
+    return slice_ms if deadline is None else min(slice_ms, _remaining_ms(deadline))
+
+
 def _wait(poller: zmq.Poller, deadline: float | None, slice_ms: int) -> bool:
-    """Poll until the socket is ready (True) or the deadline passes (False), in slices."""
+    """Poll until the socket is ready (True) or the deadline passes (False), in slices. It polls
+    at least once, so a deadline already past means "just look"."""
     while True:
-        wait_ms = slice_ms
-        if deadline is not None:
-            wait_ms = min(wait_ms, math.ceil((deadline - time.monotonic()) * 1000))
-            if wait_ms <= 0:
-                return False
-        if poller.poll(wait_ms):
+        if poller.poll(_slice_ms(deadline, slice_ms)):
             return True
+        if _expired(deadline):
+            return False
+
+
+def _log_this_one(count: int) -> bool:
+    """Whether to log the count-th event of a kind: the first 10, then every 1000th, so that a
+    flooding or stuck peer cannot flood the log."""
+    return count <= 10 or count % 1000 == 0
 
 
 class _Endpoint:
@@ -207,10 +226,13 @@ class Inbox(_Endpoint):
         # Heartbeats: PING peers but never time them out ourselves (see heartbeat_timeout_ms).
         self._socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, 0)
         self._socket.setsockopt(zmq.HEARTBEAT_TTL, self.config.heartbeat_timeout_ms)
-        # Mandatory: an EndAck to a peer that is gone raises here instead of vanishing silently.
+        # Mandatory: a reply to a peer that is gone raises in `send` instead of vanishing silently.
         self._socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        # Handover: a restarted peer with the same name takes over instead of being ignored.
-        self._socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        # No handover (libzmq's default, set to say so): while a peer's connection is up, a second
+        # connection with the same routing id is ignored; with handover, anyone who can connect
+        # would take over a node's edge by using its name. The price: a node restarted after its
+        # host died (no TCP close reached the inbox) is ignored until TCP gives the old connection up.
+        self._socket.setsockopt(zmq.ROUTER_HANDOVER, 0)
         try:
             self._socket.bind(address)
         except zmq.ZMQError as error:
@@ -218,6 +240,7 @@ class Inbox(_Endpoint):
         self.address: str = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self._rcvtimeo = -1  # the socket's RCVTIMEO (libzmq's default: forever); recv sets it
         self.bad_by_peer: Counter[str] = Counter()
+        self.unsent_by_peer: Counter[str] = Counter()  # replies `send` could not queue
 
     @property
     def bad_messages(self) -> int:
@@ -227,14 +250,13 @@ class Inbox(_Endpoint):
     def recv(self, timeout_ms: int | None = None) -> Envelope | None:
         """The next good message, or None after timeout_ms (None: wait as long as it takes).
 
-        Taking an End out of the inbox answers it with EndAck: every earlier message of that peer
-        has then been handed to the application.
+        Nothing is answered here, an End included: the application acknowledges an End it has
+        checked with `send(envelope.peer, wire.EndAck(...))`. A stream of bad messages does not
+        hold recv past its deadline.
         """
         deadline = _deadline(timeout_ms)
         while True:
-            wait_ms = self.config.poll_slice_ms
-            if deadline is not None:
-                wait_ms = max(0, min(wait_ms, math.ceil((deadline - time.monotonic()) * 1000)))
+            wait_ms = _slice_ms(deadline, self.config.poll_slice_ms)
             if wait_ms != self._rcvtimeo:
                 self._socket.setsockopt(zmq.RCVTIMEO, wait_ms)
                 self._rcvtimeo = wait_ms
@@ -247,27 +269,37 @@ class Inbox(_Endpoint):
             envelope = self._open(frames)
             if envelope is not None:
                 return envelope
+            if _expired(deadline):
+                return None
 
     def _open(self, frames: list[zmq.Frame]) -> Envelope | None:
-        routing_id = frames[0].bytes
-        peer = routing_id.decode("utf-8", "backslashreplace")
+        peer = frames[0].bytes.decode("utf-8", "backslashreplace")
         try:
             message = wire.decode(frames[1:], self.config.limits)  # zmq.Frame is a writable buffer
         except wire.WireError as error:
             self.bad_by_peer[peer] += 1
-            count = self.bad_by_peer[peer]
-            if count <= 10 or count % 1000 == 0:  # a flooding peer must not flood the log
+            if _log_this_one(count := self.bad_by_peer[peer]):
                 log.warning("inbox %s: dropped bad message #%d from peer %r: %s", self.name, count, peer, error)
             return None
-        if isinstance(message, wire.End):
-            self._acknowledge(routing_id, message)
         return Envelope(peer, message)
 
-    def _acknowledge(self, routing_id: bytes, end: wire.End) -> None:
+    def send(self, peer: str, message: wire.Message) -> bool:
+        """Send `message` back on the connection of `peer` (an Envelope.peer), never blocking.
+
+        How a node acknowledges an End it has checked, and how the launcher stops a node over the
+        node's own connection. False, counted in unsent_by_peer and logged (rate-limited), when that
+        peer is not connected or its queue is full; nothing is queued then.
+        """
+        frames = wire.encode(message)
         try:
-            self._socket.send_multipart([routing_id, *wire.encode(wire.EndAck(end.edge, end.seq))], zmq.NOBLOCK)
-        except zmq.ZMQError as error:  # peer gone (EHOSTUNREACH) or not reading (EAGAIN)
-            log.warning("inbox %s: cannot acknowledge end of %r to %r: %s", self.name, end.edge, routing_id, error)
+            self._socket.send_multipart([peer.encode(), *frames], zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as error:  # EHOSTUNREACH: not connected (ROUTER_MANDATORY); EAGAIN: full
+            self.unsent_by_peer[peer] += 1
+            if _log_this_one(count := self.unsent_by_peer[peer]):
+                log.warning("inbox %s: could not send %s #%d to peer %r: %s", self.name, message.KIND, count, peer,
+                            error)
+            return False
+        return True
 
 
 class Peer(_Endpoint):
@@ -275,7 +307,8 @@ class Peer(_Endpoint):
 
     Connecting never waits: messages queue (up to sndhwm) until the inbox is reachable. A
     connection that breaks (inbox gone, MAXMSGSIZE exceeded, heartbeat timeout) loses what was in
-    flight on it; libzmq redials. End's seq lets the receiver count what arrived.
+    flight on it; libzmq redials. End's seq lets the receiver count what arrived. What the inbox
+    sends back on this connection (EndAck, the launcher's Stop) is read with `recv`.
     """
 
     def __init__(self, address: str, name: str, config: TransportConfig | None = None,
@@ -300,11 +333,23 @@ class Peer(_Endpoint):
         self._replies = zmq.Poller()
         self._replies.register(self._socket, zmq.POLLIN)
         self.dropped_by_kind: Counter[str] = Counter()
+        self._bad_messages = 0
+        self._unexpected = 0
 
     @property
     def dropped(self) -> int:
         """Messages the "drop" policy discarded, of all kinds."""
         return sum(self.dropped_by_kind.values())
+
+    @property
+    def bad_messages(self) -> int:
+        """Replies dropped because they failed to decode."""
+        return self._bad_messages
+
+    @property
+    def unexpected(self) -> int:
+        """Good replies that `end` met while waiting for its EndAck, and dropped."""
+        return self._unexpected
 
     def send(self, msg: wire.Message) -> bool:
         """Queue `msg`; False when the "drop" policy discarded it because the receiver is full.
@@ -334,21 +379,45 @@ class Peer(_Endpoint):
                     raise PeerTimeout(f"peer {self.name!r} -> {self.address}: no room for {kind!r} "
                                       "before the timeout (receiver slow or gone)") from None
 
+    def recv(self, timeout_ms: int = 0) -> wire.Message | None:
+        """The next message the inbox at the other end sent back on this connection (an EndAck, a
+        Stop), or None after timeout_ms (0: just look). Replies that fail to decode are counted in
+        bad_messages and dropped; a stream of them does not hold recv past its deadline."""
+        deadline = _deadline(timeout_ms)
+        while _wait(self._replies, deadline, self.config.poll_slice_ms):
+            frames = self._socket.recv_multipart(copy=False)
+            try:
+                return wire.decode(frames, self.config.limits)
+            except wire.WireError as error:
+                self._bad_messages += 1
+                if _log_this_one(self._bad_messages):
+                    log.warning("peer %s: dropped bad reply #%d from %s: %s", self.name, self._bad_messages,
+                                self.address, error)
+            if _expired(deadline):
+                break
+        return None
+
     def end(self, edge: str, seq: int, timeout_ms: int = 10_000) -> bool:
         """Send End(edge, seq) and wait for its EndAck: True once the receiving application has
-        taken every message sent before it; False when no ack came within timeout_ms."""
-        deadline = _deadline(timeout_ms)
+        taken every message sent before it and accepted the End; False when no ack came within
+        timeout_ms.
+
+        Any other reply met while waiting (a Stop, an EndAck for another edge or seq) is dropped
+        and counted in `unexpected`: where such replies matter, take them with `recv` first, or
+        send the End with `send` and wait for its EndAck with `recv`.
+        """
+        deadline = time.monotonic() + timeout_ms / 1000
         try:
             self._send_waiting(wire.encode(wire.End(edge, seq)), deadline, "end")
         except PeerTimeout:
             return False
-        while _wait(self._replies, deadline, self.config.poll_slice_ms):
-            frames = self._socket.recv_multipart(copy=False)
-            try:
-                reply = wire.decode(frames, self.config.limits)
-            except wire.WireError as error:
-                log.warning("peer %s: bad reply from %s: %s", self.name, self.address, error)
-                continue
+        while (reply := self.recv(_remaining_ms(deadline))) is not None:
             if isinstance(reply, wire.EndAck) and (reply.edge, reply.seq) == (edge, seq):
                 return True
+            self._unexpected += 1
+            if _log_this_one(self._unexpected):
+                log.warning("peer %s: dropped unexpected reply #%d from %s while ending %r: %s", self.name,
+                            self._unexpected, self.address, edge, reply.KIND)
+            if _expired(deadline):
+                break
         return False

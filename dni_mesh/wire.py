@@ -12,10 +12,11 @@ only `WireError`. Nothing here unpickles, evaluates or imports what it reads.
 from __future__ import annotations
 
 import math
+import reprlib
 import sys
 from collections.abc import Callable, KeysView, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Union
+from typing import Any, ClassVar, Union
 
 import msgpack
 import numpy as np
@@ -57,6 +58,7 @@ class Limits:
     """Receiver-side bounds, checked before anything sized by the sender is allocated."""
 
     max_header_bytes: int = 64 * 1024
+    max_depth: int = 4  # maps and arrays nested in the header, itself included: header, tensors, descriptor, shape
     max_dims: int = 8
     max_tensors: int = 8
     max_tensor_bytes: int = 1 << 30
@@ -68,9 +70,21 @@ DEFAULT_LIMITS = Limits()
 Check = Callable[[object], Union[str, None]]  # returns the problem, or None when valid
 
 
+def _bounded_repr() -> reprlib.Repr:
+    shown = reprlib.Repr()
+    shown.maxlevel = 2  # reprlib recurses one call per level: deeper values show as [...]
+    shown.maxdict = shown.maxlist = 4
+    shown.maxstring = shown.maxother = 40
+    return shown
+
+
+_SHOWN = _bounded_repr()
+
+
 def _clip(value: object) -> str:
-    """repr() cut short for error texts: a peer may send megabytes."""
-    text = repr(value)
+    """A short repr for error texts, bounded in work as well as length: a peer may send megabytes,
+    or a value nested a thousand deep that would exhaust the interpreter's stack in plain repr()."""
+    text = _SHOWN.repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
 
 
@@ -344,25 +358,71 @@ def _as_bytes(frame: object, index: int) -> memoryview:
     return view.cast("B")
 
 
-def _unpack_header(frame: memoryview, limits: Limits) -> dict:
+def _reason(exc: BaseException) -> str:
+    """A msgpack error's name and message, without its repr(): ExtraData's holds the value decoded
+    (nested to any depth) and every trailing byte."""
+    message = exc.args[0] if len(exc.args) == 1 and type(exc.args[0]) is str else ""
+    return f"{type(exc).__name__}: {message[:80]}" if message else type(exc).__name__
+
+
+def _unpack_header(frame: memoryview, limits: Limits) -> Any:
+    """The one msgpack value in the header frame, of any type (decode checks it is a map), with no
+    map that repeats a key."""
     if frame.nbytes > limits.max_header_bytes:
         raise WireError(f"header: {frame.nbytes} bytes exceeds the limit of {limits.max_header_bytes}")
     try:
-        header = msgpack.unpackb(
+        return msgpack.unpackb(
             frame,
             raw=False,
             strict_map_key=True,
+            object_pairs_hook=_unique_keys,
             max_str_len=limits.max_header_bytes,
             max_bin_len=limits.max_header_bytes,
             max_array_len=limits.max_header_bytes,  # bounds allocation; the checks below
             max_map_len=limits.max_header_bytes,  # give the precise errors (dims, tensors)
             max_ext_len=0,
         )
+    except WireError:  # a repeated key, from _unique_keys
+        raise
     except (ValueError, msgpack.UnpackException) as exc:  # every malformed-msgpack error
-        raise WireError(f"header: not valid msgpack ({exc!r})") from None
-    if type(header) is not dict:
-        raise WireError(f"header: must be a map, got {_show(header)}")
-    return header
+        raise WireError(f"header: not valid msgpack ({_reason(exc)})") from None
+
+
+def _unique_keys(pairs: list[tuple[object, object]]) -> dict:
+    """msgpack's object_pairs_hook: the map as a dict, refusing a key that comes twice (a dict would
+    keep the last value silently, so two receivers could read different values from one message)."""
+    mapping = dict(pairs)
+    if len(mapping) != len(pairs):
+        seen: set[object] = set()
+        repeated = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise WireError(f"header: duplicate key {_clip(repeated)} in a map")
+    return mapping
+
+
+# The field checks accept no map or array but header -> tensors -> descriptor -> shape (and header
+# -> values), so a header that passes them is at most this deep. Walking every header to measure
+# its depth would add about a third to decode's time, so decode walks it only when a check fails,
+# before it raises (the depth is then the error to name; the failing value was shown only through
+# the bounded `_clip`), or when the limit is lower than this.
+_SCHEMA_DEPTH = 4
+
+
+def _check_depth(value: object, limit: int) -> None:
+    """Raise WireError when maps and arrays nest more than `limit` deep in `value` (the outermost
+    counts as 1). Iterative, one level at a time, and it stops one level past the limit, so a value
+    nested a thousand deep costs no more than one nested just too deep."""
+    level = [value]
+    for depth in range(limit + 1):
+        nested = []
+        for node in level:
+            if type(node) is dict:
+                node = node.values()
+            elif type(node) is not list:
+                continue
+            if depth == limit:
+                raise WireError(f"header: nested deeper than {limit} levels of maps and arrays (max_depth)")
+            nested += node
+        level = nested
 
 
 def _check_keys(found: dict, expected: KeysView[str], where: str) -> None:
@@ -452,6 +512,24 @@ def decode(frames: Sequence[object], limits: Limits = DEFAULT_LIMITS) -> Message
     if not 1 <= len(frames) <= 1 + limits.max_tensors:
         raise WireError(f"frames: {len(frames)} frames, expected 1 header + at most {limits.max_tensors} tensors")
     header = _unpack_header(_as_bytes(frames[0], 0), limits)
+    try:
+        cls, values, slots = _check_fields(header, frames, limits)
+    except WireError:
+        _check_depth(header, limits.max_depth)  # a header too deep: name that, not what it broke
+        raise
+    if limits.max_depth < _SCHEMA_DEPTH:
+        _check_depth(header, limits.max_depth)
+    for name, dtype, shape, buffer in slots:  # only now, with everything checked, build tensors
+        values[name] = _tensor(dtype, shape, buffer)
+    return cls._checked(values)  # type: ignore[return-value]
+
+
+def _check_fields(header: object, frames: Sequence[object],
+                  limits: Limits) -> tuple[type[_Message], dict[str, object], list[_Slot]]:
+    """Every check of the header's fields and of the tensor frames, in the order of the spec's
+    section 6: the message's class, its field values and its checked tensor slots."""
+    if type(header) is not dict:
+        raise WireError(f"header: must be a map, got {_show(header)}")
     version = header.get("v")
     if type(version) is not int or version != PROTOCOL_VERSION:
         raise WireError(f"header.v: unsupported protocol version {_show(version)}; this node speaks {PROTOCOL_VERSION}")
@@ -480,6 +558,4 @@ def decode(frames: Sequence[object], limits: Limits = DEFAULT_LIMITS) -> Message
     names = tuple([slot[0] for slot in slots])
     if names not in cls.LAYOUTS:
         raise WireError(f"{kind}.tensors: names {list(names)} are not one of {_layouts(cls)}")
-    for name, dtype, shape, frame in slots:  # only now, with everything checked, build tensors
-        values[name] = _tensor(dtype, shape, frame)
-    return cls._checked(values)  # type: ignore[return-value]
+    return cls, values, slots

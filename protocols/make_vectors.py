@@ -73,8 +73,29 @@ def _valid() -> list[tuple[str, str, wire.Message]]:
     ]
 
 
-def _frames(header: dict, *buffers: bytes) -> list[bytes]:
-    return [msgpack.packb(header, use_bin_type=True), *buffers]
+def _frames(header: dict | bytes, *buffers: bytes) -> list[bytes]:
+    return [header if isinstance(header, bytes) else msgpack.packb(header, use_bin_type=True), *buffers]
+
+
+class _Raw(bytes):
+    """msgpack bytes written pair by pair: a map that repeats a key, which no dict can hold."""
+
+
+_PACKER = msgpack.Packer(use_bin_type=True)
+
+
+def _pack(value: object) -> bytes:
+    """msgpack.packb, with _Raw parts spliced in as they are (only lists can hold them here)."""
+    if isinstance(value, _Raw):
+        return value
+    if isinstance(value, list):
+        return _PACKER.pack_array_header(len(value)) + b"".join(map(_pack, value))
+    return _PACKER.pack(value)
+
+
+def _map(*pairs: tuple[str, object]) -> _Raw:
+    """A msgpack map of `pairs` in this order, repeated keys included."""
+    return _Raw(_PACKER.pack_map_header(len(pairs)) + b"".join(_pack(key) + _pack(value) for key, value in pairs))
 
 
 def _invalid() -> list[tuple[str, str, str, list[bytes]]]:
@@ -93,6 +114,7 @@ def _invalid() -> list[tuple[str, str, str, list[bytes]]]:
         return act_frames(tensors=[{**h, **changes}, labels])
 
     bool_h = {"name": "h", "dtype": "bool", "shape": [2], "nbytes": 2}
+    metrics = {"v": 1, "kind": "metrics", "node": "n", "step": 1}
     grad_h = {"v": 1, "kind": "grad", "edge": "e", "seq": 1,
               "tensors": [{"name": "h", "dtype": "uint8", "shape": [1], "nbytes": 1}]}
     return [
@@ -127,6 +149,14 @@ def _invalid() -> list[tuple[str, str, str, list[bytes]]]:
         ("wrong_tensor_name", "grad carrying a tensor named h", "grad.tensors", _frames(grad_h, b"\x00")),
         ("bool_byte_2", "bool tensor holding byte 0x02", "act.tensors[0]",
          _frames({**act, "tensors": [bool_h]}, b"\x01\x02")),
+        ("duplicate_header_key", "end with seq twice (3, then 4)", "header", _frames(_map(*end.items(), ("seq", 4)))),
+        ("duplicate_descriptor_key", "h's descriptor with shape twice ([2, 2], then [4]: both agree with nbytes)",
+         "header", _frames(_map(*{**act, "tensors": [_map(*h.items(), ("shape", [4])), labels]}.items()), *frames[1:])),
+        ("duplicate_metrics_key", "metrics values with loss twice", "header",
+         _frames(_map(*metrics.items(), ("values", _map(("loss", 0.5), ("loss", 0.25))), ("tensors", [])))),
+        ("nested_1000", "one 1001-byte frame: an array nested 1000 deep (limit 4)", "header",
+         [b"\x91" * 1000 + b"\xc0"]),
+        ("nested_5", "shape [[2, 2]]: one level past the depth limit of 4", "header", h_frames(shape=[[2, 2]])),
     ]
 
 

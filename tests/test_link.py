@@ -32,6 +32,9 @@ class Receiver:
             envelope = self.inbox.recv(50)
             if envelope is not None:
                 self.got.append((time.monotonic(), envelope.message))
+                if isinstance(envelope.message, wire.End):  # acknowledged as a node core does
+                    end = envelope.message
+                    self.inbox.send(envelope.peer, wire.EndAck(end.edge, end.seq))
 
     def wait_for(self, count: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -6,6 +6,7 @@ on two cores; the timeouts are generous because six processes each import torch.
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,9 +17,9 @@ import pytest
 import torch
 import yaml
 
-from dni_mesh.build import build_source, chain_config
+from dni_mesh.build import build_source
 from dni_mesh.launch import NodeFailed, run
-from dni_mesh.reference import ChainTrainer
+from dni_mesh.reference import ChainConfig, ChainTrainer
 from dni_mesh.topology import load_topology
 from dni_mesh.transport import free_port_range
 
@@ -63,7 +64,7 @@ def head_losses(run_dir: Path) -> list[float]:
 def reference_losses(path: Path) -> list[float]:
     topology = load_topology(path)
     torch.set_num_threads(1)
-    trainer = ChainTrainer(chain_config(topology))
+    trainer = ChainTrainer(ChainConfig.from_topology(topology))
     train = build_source(topology, "train")
     for step, (x, y) in enumerate(train.iterate(0)):
         if step == STEPS:
@@ -156,6 +157,33 @@ def test_hung_node_fails_the_run_by_its_silence(tmp_path):
         run(misbehaving_chain(tmp_path, "hang"), run_dir=tmp_path / "run", live=False, silence_s=10)
     assert time.monotonic() - started < 60
     pids = json.loads((tmp_path / "run" / "nodes.json").read_text())
+    assert all(not alive(pid) for pid in pids.values())
+
+
+@pytest.mark.timeout(120)
+def test_a_stuck_mesh_fails_naming_each_node_and_what_it_waits_for(tmp_path):
+    """l2 is frozen (SIGSTOP) mid-run: its peers keep heartbeating but cannot advance. The
+    launcher fails the run by progress, not silence, naming the nodes and the edge and seq."""
+    topology = chain("dni")
+    topology["data"].update(epochs=50, limit=None)
+    path = write(tmp_path, topology)
+    run_dir = tmp_path / "run"
+    launcher = subprocess.Popen([sys.executable, "-m", "dni_mesh.cli", "run", str(path),
+                                 "--run-dir", str(run_dir), "--no-live", "--stall-timeout", "5"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        head = run_dir / "head.jsonl"
+        wait_for(lambda: head.exists() and '"event": "step"' in head.read_text(), 90, "training")
+        pids = json.loads((run_dir / "nodes.json").read_text())
+        os.kill(pids["l2"], signal.SIGSTOP)
+        code = launcher.wait(timeout=60)
+    finally:
+        launcher.kill()
+    text = launcher.stdout.read()
+    assert code == 1, text
+    assert "no node advanced for 5 s" in text
+    assert re.search(r"node l1 \(pid \d+, progress \d+\) waits for the answer to seq \d+ on l1->l2", text), text
+    assert re.search(r"node head .* waits for activation seq \d+ on l2->head", text), text
     assert all(not alive(pid) for pid in pids.values())
 
 

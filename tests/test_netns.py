@@ -21,9 +21,9 @@ import torch
 from test_mesh import head_losses, write
 
 from dni_mesh import cli
-from dni_mesh.build import build_source, chain_config
+from dni_mesh.build import build_source
 from dni_mesh.netns import NetnsError, Network, leftovers, namespaces, plan, root_links
-from dni_mesh.reference import ChainTrainer
+from dni_mesh.reference import ChainConfig, ChainTrainer
 from dni_mesh.topology import load_topology
 
 
@@ -144,7 +144,7 @@ def test_kernel_bandwidth_between_hosts_holds_within_ten_percent(tmp_path):
 def reference_losses(path: Path) -> list[float]:
     topology = load_topology(path)
     torch.set_num_threads(1)
-    trainer = ChainTrainer(chain_config(topology))
+    trainer = ChainTrainer(ChainConfig.from_topology(topology))
     for x, y in build_source(topology, "train").iterate(0):
         trainer.step(x, y)
     return trainer.losses

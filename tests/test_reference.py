@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dni_mesh.reference import (ChainConfig, ChainTrainer, NodeSpec, build_stage, evaluate,
-                                node_seed)
-from dni_mesh.stage import StageConfig
+from dni_mesh.build import make_stage, node_seed
+from dni_mesh.reference import ChainConfig, ChainNode, ChainTrainer
+from dni_mesh.update import SyntheticGradient
 from dni_mesh.synthetic import SyntheticGradientConfig
 from nodes.conv import ConvBlock, ConvClassifier
 from nodes.data import Blobs
@@ -19,8 +19,8 @@ torch.set_num_threads(1)
 
 def chain(mode: str, seed: int = 3, **overrides) -> ChainConfig:
     return ChainConfig(
-        nodes=[NodeSpec("l1", partial(Block, 16, 32)), NodeSpec("l2", partial(Block, 32, 32)),
-               NodeSpec("head", partial(Classifier, 32, 4))],
+        nodes=[ChainNode("l1", partial(Block, 16, 32)), ChainNode("l2", partial(Block, 32, 32)),
+               ChainNode("head", partial(Classifier, 32, 4))],
         input_shape=(16,), num_classes=4, mode=mode, seed=seed,
         optimizer={"name": "adam", "lr": 0.01},
         synthetic_gradient=SyntheticGradientConfig(optimizer={"name": "adam", "lr": 0.001}),
@@ -99,10 +99,10 @@ def test_modes_and_settings_can_differ_along_the_chain():
 
 def test_build_stage_weights_depend_on_seed_and_name_only():
     def build(name, seed):
-        return build_stage(name, partial(Block, 8, 8), input_shapes=[(8,)],
-                           optimizer={"name": "sgd", "lr": 0.1}, config=StageConfig(mode="dni"),
-                           synthetic_gradient=SyntheticGradientConfig(hidden=1, width=8),
-                           num_classes=3, seed=seed)
+        return make_stage(name, partial(Block, 8, 8), input_shapes=[(8,)],
+                          optimizer={"name": "sgd", "lr": 0.1}, rule=SyntheticGradient(),
+                          synthetic_gradient=SyntheticGradientConfig(hidden=1, width=8),
+                          num_classes=3, seed=seed)
     torch.manual_seed(123)
     expected_next = torch.rand(3)
     torch.manual_seed(123)
@@ -119,20 +119,20 @@ def test_build_stage_weights_depend_on_seed_and_name_only():
 
 def test_conv_chain_gets_a_conv_synthesizer():
     config = ChainConfig(
-        nodes=[NodeSpec("c1", partial(ConvBlock, 1, 4, pool=True)),
-               NodeSpec("head", partial(ConvClassifier, 4, 4, 4, 3))],
+        nodes=[ChainNode("c1", partial(ConvBlock, 1, 4, pool=True)),
+               ChainNode("head", partial(ConvClassifier, 4, 4, 4, 3))],
         input_shape=(1, 8, 8), num_classes=3, mode="cdni",
         synthetic_gradient=SyntheticGradientConfig(hidden=1, channels=4))
     trainer = ChainTrainer(config)
     assert trainer.stages[0].synthesizer.kind == "conv"
-    result = trainer.step(torch.randn(6, 1, 8, 8), torch.arange(6) % 3)
-    assert result.loss > 0 and trainer.stages[0].stats.sg_fits == 1
+    loss = trainer.step(torch.randn(6, 1, 8, 8), torch.arange(6) % 3)
+    assert loss > 0 and trainer.stages[0].stats.sg_fits == 1
 
 
 def test_evaluate_counts_every_sample():
     trainer = ChainTrainer(chain("dni"))
     before = [p.clone() for s in trainer.stages for p in s.module.parameters()]
-    result = evaluate(trainer.stages, Blobs("test", seed=1, num_samples=100, batch_size=32))
+    result = trainer.evaluate(Blobs("test", seed=1, num_samples=100, batch_size=32))
     assert result.samples == 100 and 0 <= result.accuracy <= 1 and result.loss > 0
     after = [p for s in trainer.stages for p in s.module.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))

@@ -5,8 +5,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dni_mesh.stage import Stage, StageConfig
+from dni_mesh.objective import Classification
+from dni_mesh.stage import Stage
 from dni_mesh.synthetic import SyntheticGradientConfig, Synthesizer, make_optimizer
+from dni_mesh.update import Backprop, SyntheticGradient, Target, update_rule
 
 torch.set_num_threads(1)
 ADAM = {"name": "adam", "lr": 0.01}
@@ -16,7 +18,7 @@ def block(d_in: int, d_out: int) -> nn.Module:
     return nn.Sequential(nn.Linear(d_in, d_out), nn.BatchNorm1d(d_out), nn.ReLU())
 
 
-def make_stage(mode="dni", module=None, d_out=6, head=False, max_pending=64, bp_lambda=1.0,
+def make_stage(mode="dni", module=None, d_out=6, head=False, window=64, bp_lambda=1.0,
                optimizer=ADAM, hidden=0, seed=0) -> Stage:
     torch.manual_seed(seed)
     module = module if module is not None else block(4, d_out)
@@ -25,9 +27,10 @@ def make_stage(mode="dni", module=None, d_out=6, head=False, max_pending=64, bp_
         config = SyntheticGradientConfig(hidden=hidden, width=8, conditioned=mode == "cdni")
         synthesizer = Synthesizer((d_out,), 3, config)
         sg_optimizer = make_optimizer(synthesizer.parameters(), ADAM)
-    return Stage("s", module, make_optimizer(module.parameters(), optimizer), synthesizer,
-                 sg_optimizer, StageConfig(mode=mode, bp_lambda=bp_lambda, max_pending=max_pending),
-                 head=head, num_classes=3)
+    rule = None if head else update_rule(mode, bp_lambda=bp_lambda)
+    return Stage("s", module, make_optimizer(module.parameters(), optimizer), rule=rule,
+                 objective=Classification(3) if head else None, synthesizer=synthesizer,
+                 sg_optimizer=sg_optimizer, window=window)
 
 
 def batch(seed=1, n=8, d=4):
@@ -166,15 +169,17 @@ def test_stale_and_unknown_seq_are_counted_not_raised():
         assert (stage.stats.stale, stage.stats.unknown) == (1, 2), mode
 
 
-def test_full_pending_table_evicts_the_oldest():
-    stage = make_stage("dni", max_pending=2)
-    for seq in range(3):
+def test_a_full_window_refuses_another_step_instead_of_evicting_one():
+    stage = make_stage("dni", window=2)
+    for seq in range(2):
         x, y = batch(seed=seq)
         stage.forward(seq, [x], y, [True])
-    assert list(stage.pending) == [1, 2] and stage.stats.evicted == 1
-    assert stage.backward(0, torch.zeros(8, 6)).sg_loss is None
-    assert stage.stats.stale == 1
-    assert stage.backward(2, torch.zeros(8, 6)).sg_loss is not None
+    with pytest.raises(RuntimeError, match="window is full"):
+        stage.forward(2, [x], y, [True])
+    assert list(stage.pending) == [0, 1]
+    assert stage.backward(0, torch.zeros(8, 6)).sg_loss is not None
+    stage.forward(2, [x], y, [True])
+    assert list(stage.pending) == [1, 2]
 
 
 @pytest.mark.parametrize("mode", ["dni", "backprop", "bp_lambda"])
@@ -184,7 +189,7 @@ def test_evaluation_changes_nothing(mode):
     state = copy.deepcopy(stage.module.state_dict())
     sg_state = copy.deepcopy(stage.synthesizer.state_dict()) if stage.synthesizer else None
     x, y = batch(seed=11)
-    result = stage.forward(20, [x], y, train=False)
+    result = stage.evaluate([x], y)
     assert all(torch.equal(v, stage.module.state_dict()[k]) for k, v in state.items())
     if sg_state:
         assert all(torch.equal(v, stage.synthesizer.state_dict()[k]) for k, v in sg_state.items())
@@ -196,7 +201,7 @@ def test_head_trains_on_the_loss_and_evaluates_without_update():
     head = make_stage(module=nn.Linear(4, 3), head=True)
     x, y = batch()
     snapshot = copy.deepcopy(head.module)
-    evaluated = head.forward(0, [x], y, train=False)
+    evaluated = head.evaluate([x], y)
     loss = F.cross_entropy(snapshot(x), y)
     assert evaluated.loss == pytest.approx(loss.item())
     assert evaluated.correct == int((snapshot(x).argmax(1) == y).sum())
@@ -225,24 +230,26 @@ def test_fan_in_calls_module_with_every_input_in_order():
     assert torch.allclose(back.input_grads[0], torch.ones(8, 6) @ left, atol=1e-6)
 
 
-def test_modes_and_synthesizers_must_agree():
+def test_rules_and_synthesizers_must_agree():
+    module = block(4, 6)
     with pytest.raises(ValueError, match="conditioned"):
-        module = block(4, 6)
         synthesizer = Synthesizer((6,), 3, SyntheticGradientConfig())
-        Stage("s", module, make_optimizer(module.parameters(), ADAM), synthesizer,
-              make_optimizer(synthesizer.parameters(), ADAM), StageConfig(mode="cdni"))
+        Stage("s", module, make_optimizer(module.parameters(), ADAM),
+              rule=SyntheticGradient(conditioned=True), synthesizer=synthesizer,
+              sg_optimizer=make_optimizer(synthesizer.parameters(), ADAM))
     with pytest.raises(ValueError, match="needs a synthesizer"):
-        module = block(4, 6)
-        Stage("s", module, make_optimizer(module.parameters(), ADAM), None, None, StageConfig())
-    with pytest.raises(ValueError, match="mode"):
+        Stage("s", module, make_optimizer(module.parameters(), ADAM), rule=SyntheticGradient())
+    with pytest.raises(ValueError, match="not both or neither"):
+        Stage("s", module, make_optimizer(module.parameters(), ADAM))
+    with pytest.raises(ValueError, match="mode 'sideways'"):
         make_stage("sideways")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 def test_stage_runs_on_cuda_and_returns_tensors_there():
     stage = make_stage("dni")
-    stage = Stage("s", stage.module, stage.optimizer, stage.synthesizer, stage.sg_optimizer,
-                  stage.config, device="cuda")
+    stage = Stage("s", stage.module, stage.optimizer, rule=stage.rule, synthesizer=stage.synthesizer,
+                  sg_optimizer=stage.sg_optimizer, window=stage.window, device="cuda")
     x, y = batch()
     result = stage.forward(0, [x], y, [True])
     assert result.output.is_cuda and result.input_grads[0].is_cuda
@@ -252,9 +259,10 @@ def test_stage_runs_on_cuda_and_returns_tensors_there():
 def test_target_backprop_sends_the_true_gradient_upstream_when_it_comes_back():
     torch.manual_seed(0)
     module = block(6, 6)
-    synthesizer = Synthesizer((6,), 3, SyntheticGradientConfig(target="backprop"))
-    stage = Stage("b", module, make_optimizer(module.parameters(), ADAM), synthesizer,
-                  make_optimizer(synthesizer.parameters(), ADAM), StageConfig(mode="dni"))
+    synthesizer = Synthesizer((6,), 3, SyntheticGradientConfig())
+    stage = Stage("b", module, make_optimizer(module.parameters(), ADAM),
+                  rule=SyntheticGradient(target=Target.BACKPROP), synthesizer=synthesizer,
+                  sg_optimizer=make_optimizer(synthesizer.parameters(), ADAM), window=4)
     x, y = batch(d=6)
     first = stage.forward(0, [x], y, [True])
     assert first.input_grads is None  # the upstream target is not known yet
@@ -274,4 +282,32 @@ def test_target_backprop_sends_the_true_gradient_upstream_when_it_comes_back():
 
 def test_unknown_synthesizer_target_is_refused():
     with pytest.raises(ValueError, match="target 'true'"):
-        Synthesizer((6,), 3, SyntheticGradientConfig(target="true"))
+        update_rule("dni", target="true")
+
+
+@pytest.mark.parametrize("mode", ["dni", "cdni", "backprop", "bp_lambda"])
+def test_a_restored_stage_continues_bit_identically(tmp_path, mode):
+    """Save a stage mid-run (between steps), load it into a fresh one built with other
+    weights, and train both on the same batches: every loss and weight stays equal."""
+    stage, head = make_stage(mode, hidden=1, bp_lambda=0.5), make_stage(module=nn.Linear(6, 3), head=True)
+    train_chain([stage, head], steps=4)
+    path = tmp_path / "stage.pt"
+    torch.save(stage.state_dict(), path)
+    restored = make_stage(mode, hidden=1, bp_lambda=0.5, seed=99)
+    assert not same(params(stage), params(restored))
+    restored.load_state_dict(torch.load(path, weights_only=True))
+    assert restored.stats == stage.stats and restored.last_seq == stage.last_seq
+    twin = copy.deepcopy(head)
+    for seq in range(4, 8):
+        x, y = batch(seed=200 + seq)
+        outs = []
+        for first, second in ((stage, head), (restored, twin)):
+            out = first.forward(seq, [x], y, [False])
+            back = second.forward(seq, [out.output], y, [True])
+            first.backward(seq, back.input_grads[0])
+            outs.append((out.output, back.loss))
+        assert torch.equal(outs[0][0], outs[1][0]) and outs[0][1] == outs[1][1]
+    assert same(params(stage), params(restored))
+    if stage.synthesizer is not None:
+        pairs = zip(stage.synthesizer.state_dict().values(), restored.synthesizer.state_dict().values())
+        assert all(torch.equal(a, b) for a, b in pairs)

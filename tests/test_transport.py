@@ -6,23 +6,28 @@ and every wait has a timeout, so a hang fails the test instead of stalling the s
 
 from __future__ import annotations
 
+import json
+import logging
 import multiprocessing
 import socket
 import time
 from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
+from pathlib import Path
 
 import msgpack
 import pytest
 import torch
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from dni_mesh import wire
-from dni_mesh.transport import (Inbox, Peer, PeerTimeout, TransportConfig, TransportError, free_port_range,
-                                 free_tcp_port)
+from dni_mesh.transport import (Envelope, Inbox, Peer, PeerTimeout, TransportConfig, TransportError,
+                                 free_port_range, free_tcp_port)
 
 WAIT_MS = 20_000  # generous: the machine running the suite may be loaded
 MEGABYTE = torch.zeros(1 << 18)  # 1 MiB of float32: enough to fill hwm queues and kernel buffers
+INVALID_VECTORS = sorted((Path(__file__).resolve().parents[1] / "protocols" / "vectors" / "invalid").glob("*.json"))
 
 
 @pytest.fixture
@@ -65,6 +70,7 @@ def test_stream_between_processes_arrives_complete_in_order(tmp_path, scheme: st
                 assert got.message.h[0].item() == seq and got.message.labels.item() == seq % 10
             end = inbox.recv(timeout_ms=WAIT_MS)
             assert end is not None and end.message == wire.End("a->b", count)
+            assert inbox.send(end.peer, wire.EndAck("a->b", count))  # the child waits for it
             child.join(WAIT_MS / 1000)
             assert child.exitcode == 0
             assert inbox.bad_messages == 0
@@ -92,6 +98,10 @@ def test_bad_frames_from_one_peer_do_not_disturb_another(context: zmq.Context) -
             [header, bytes(buffer)[:-1]],  # short tensor frame
             [msgpack.packb(huge), buffer],  # claims a 4 TiB tensor
             [header] + [buffer] * 100,
+            # every golden invalid vector, among them the 1001-byte frame of an array nested 1000
+            # deep (it killed nodes with a RecursionError) and maps that repeat a key
+            *([bytes.fromhex(f) for f in json.loads(path.read_text(encoding="utf-8"))["frames"]]
+              for path in INVALID_VECTORS),
         ]
         for i, frames in enumerate(bad_frames):
             junk.send_multipart(frames)
@@ -185,14 +195,98 @@ def test_end_and_close_return_in_time_when_the_peer_is_gone(context: zmq.Context
     assert time.monotonic() - started < 5
 
 
-def test_end_is_acknowledged_only_when_the_application_takes_it(context: zmq.Context) -> None:
+def test_end_is_acknowledged_only_by_the_application(context: zmq.Context) -> None:
+    """Regression: the inbox answered every End it took out, so a forged End was acknowledged."""
     with Inbox("tcp://127.0.0.1:0", "receiver", context=context) as inbox, \
             Peer(inbox.address, "sender", context=context) as peer:
-        assert peer.end("a->b", 0, timeout_ms=200) is False  # queued, never taken out
+        assert peer.end("a->b", 0, timeout_ms=200) is False
+        assert inbox.recv(timeout_ms=WAIT_MS) == Envelope("sender", wire.End("a->b", 0))
+        assert peer.recv(timeout_ms=300) is None  # taking the End out answered nothing
+        assert inbox.send("sender", wire.EndAck("a->b", 0)) is True  # the application answers
+        assert peer.recv(timeout_ms=WAIT_MS) == wire.EndAck("a->b", 0)
+        assert peer.recv() is None
+
+
+def test_end_drops_and_counts_other_replies_while_it_waits(context: zmq.Context) -> None:
+    with Inbox("tcp://127.0.0.1:0", "receiver", context=context) as inbox, \
+            Peer(inbox.address, "sender", context=context) as peer:
+        peer.send(_act(0))
+        assert inbox.recv(timeout_ms=WAIT_MS) is not None  # connected: replies can go back
+        for reply in (wire.Stop("launcher", "late"), wire.EndAck("a->b", 2), wire.EndAck("c->d", 3),
+                      wire.EndAck("a->b", 3)):
+            assert inbox.send("sender", reply)
+        assert peer.end("a->b", 3, timeout_ms=WAIT_MS) is True
+        assert (peer.unexpected, peer.bad_messages) == (3, 0)
+        assert inbox.recv(timeout_ms=WAIT_MS).message == wire.End("a->b", 3)
+
+
+def test_peer_recv_drops_and_counts_bad_replies(context: zmq.Context) -> None:
+    router = context.socket(zmq.ROUTER)  # a hostile inbox, written from protocols/ alone
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    with Peer(f"tcp://127.0.0.1:{port}", "node", context=context) as peer:
+        assert peer.recv() is None  # nothing yet: just looks
+        peer.send(wire.Ready("node"))
+        assert router.poll(WAIT_MS) and router.recv_multipart()[0] == b"node"
+        bad = [[b"\xc1"], [b"\x91" * 1000 + b"\xc0"], wire.encode(wire.Activation("e", 0, torch.ones(2)))[:1]]
+        for frames in bad:
+            router.send_multipart([b"node", *frames])
+        router.send_multipart([b"node", *wire.encode(wire.Stop("launcher", "done"))])
+        assert peer.recv(timeout_ms=WAIT_MS) == wire.Stop("launcher", "done")
+        assert peer.bad_messages == len(bad)
+    router.close()
+
+
+def test_inbox_send_never_blocks_and_counts_what_it_could_not_send(context: zmq.Context, caplog) -> None:
+    config = _small_queues()
+    with Inbox("tcp://127.0.0.1:0", "receiver", config, context) as inbox, \
+            Peer(inbox.address, "sender", config, context) as peer:
+        with caplog.at_level(logging.WARNING, logger="dni_mesh.transport"):
+            assert inbox.send("nobody", wire.Stop("launcher", "x")) is False  # no such connection
+        assert "could not send stop #1 to peer 'nobody'" in caplog.text
+        peer.send(_act(0))
+        assert inbox.recv(timeout_ms=WAIT_MS) is not None  # connected
+        started, sent = time.monotonic(), 0
+        while inbox.send("sender", wire.Activation("r->s", sent, MEGABYTE)):  # the peer does not read
+            sent += 1
+            assert sent < 500, "the peer's queue never filled"
+        assert time.monotonic() - started < 10
+        assert inbox.unsent_by_peer == {"nobody": 1, "sender": 1}
+        for seq in range(sent):  # what was sent arrives whole
+            got = peer.recv(timeout_ms=WAIT_MS)
+            assert isinstance(got, wire.Activation) and got.seq == seq and torch.equal(got.h, MEGABYTE)
+
+
+def test_a_second_connection_with_a_peers_name_cannot_take_over(context: zmq.Context) -> None:
+    """Regression: with ROUTER_HANDOVER, a DEALER that connected with a node's name took over that
+    node's connection, and with it the node's edge."""
+    with Inbox("tcp://127.0.0.1:0", "receiver", context=context) as inbox, \
+            Peer(inbox.address, "l1", context=context) as real:
+        real.send(_act(0))
         got = inbox.recv(timeout_ms=WAIT_MS)
-        assert got is not None and got.message == wire.End("a->b", 0)
-        assert peer.end("a->b", 0, timeout_ms=WAIT_MS) is True  # a retry is answered
-        assert inbox.recv(timeout_ms=WAIT_MS).message == wire.End("a->b", 0)
+        assert got is not None and (got.peer, got.message.seq) == ("l1", 0)
+        squatter = context.socket(zmq.DEALER)
+        squatter.setsockopt(zmq.ROUTING_ID, b"l1")
+        squatter.setsockopt(zmq.LINGER, 0)
+        monitor = squatter.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        squatter.connect(inbox.address)
+        assert monitor.poll(WAIT_MS) and recv_monitor_message(monitor)["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED
+        for seq in range(3):
+            squatter.send_multipart(wire.encode(wire.Activation("forged", seq, torch.ones(1))))
+            real.send(_act(1 + seq))
+        for seq in range(1, 4):
+            got = inbox.recv(timeout_ms=WAIT_MS)
+            assert got is not None and (got.peer, got.message.edge, got.message.seq) == ("l1", "a->b", seq)
+        assert inbox.recv(timeout_ms=300) is None  # nothing of the squatter's, under any name
+        assert inbox.send("l1", wire.Stop("launcher", "done"))  # replies still reach the real peer
+        assert real.recv(timeout_ms=WAIT_MS) == wire.Stop("launcher", "done")
+        assert squatter.poll(300) == 0
+        real.send(_act(4))
+        got = inbox.recv(timeout_ms=WAIT_MS)
+        assert got is not None and (got.peer, got.message.edge, got.message.seq) == ("l1", "a->b", 4)
+        squatter.disable_monitor()
+        monitor.close()
+        squatter.close()
 
 
 def test_max_msg_size_cuts_off_an_oversize_sender_only(context: zmq.Context) -> None:

@@ -240,6 +240,16 @@ def test_invalid_messages_cannot_be_built(make, where: str) -> None:
         make()
 
 
+def test_error_texts_are_short_whatever_the_value() -> None:
+    deep: list = []
+    for _ in range(100_000):  # far past the interpreter's recursion limit
+        deep = [deep]
+    for value in (deep, "x" * 1_000_000, list(range(100_000)), {str(i): i for i in range(1000)}):
+        with pytest.raises(wire.WireError, match="^end.seq:") as caught:
+            wire.End("e", value)  # type: ignore[arg-type]
+        assert len(str(caught.value)) < 200
+
+
 def test_every_field_is_a_header_scalar_or_a_declared_tensor() -> None:
     for cls in wire.KINDS.values():
         scalars = [name for name, _ in cls.FIELDS]
@@ -262,6 +272,7 @@ def test_limits_are_the_receivers_choice() -> None:
         (wire.Limits(max_dims=0), "act.tensors[0].shape"),
         (wire.Limits(max_tensors=1), "frames"),
         (wire.Limits(max_header_bytes=50), "header"),
+        (wire.Limits(max_depth=3), "header"),  # header, tensors, descriptor, shape: 4 levels
     ]:
         with pytest.raises(wire.WireError, match=f"^{re.escape(where)}:"):
             wire.decode(frames, limits)

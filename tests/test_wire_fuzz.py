@@ -3,6 +3,7 @@ never another exception, and never allocates what a header merely claims."""
 
 from __future__ import annotations
 
+import re
 import time
 import tracemalloc
 from collections.abc import Callable
@@ -35,6 +36,9 @@ MESSAGES = [
     wire.End("a->b", 9),
 ]
 valid_frames = st.sampled_from([[bytes(f) for f in wire.encode(m)] for m in MESSAGES])
+PACKER = msgpack.Packer()
+END = {"v": 1, "kind": "end", "edge": "e", "seq": 1, "tensors": []}
+DEEP = re.escape(f"header: nested deeper than {wire.DEFAULT_LIMITS.max_depth} levels")
 
 
 def outcome(frames: list) -> wire.Message | None:
@@ -49,6 +53,37 @@ def repack(frames: list[bytes], change: Callable[[dict], None]) -> list[bytes]:
     header = msgpack.unpackb(frames[0])
     change(header)
     return [msgpack.packb(header), *frames[1:]]
+
+
+def pack_repeating(value: object, target: dict, key: str, extra: object, at: int) -> bytes:
+    """msgpack of `value` in which the map `target` (found by identity) holds `key` a second time,
+    with the value `extra`, as its entry number `at` (msgpack.packb of a dict cannot repeat a key)."""
+    if type(value) is list:
+        return PACKER.pack_array_header(len(value)) + b"".join(pack_repeating(v, target, key, extra, at)
+                                                               for v in value)
+    if type(value) is not dict:
+        return PACKER.pack(value)
+    pairs = list(value.items())
+    if value is target:
+        pairs.insert(at, (key, extra))
+    return PACKER.pack_map_header(len(pairs)) + b"".join(PACKER.pack(k) + pack_repeating(v, target, key, extra, at)
+                                                         for k, v in pairs)
+
+
+def with_raw_value(header: dict, key: str, raw: bytes) -> bytes:
+    """msgpack of `header` with the value of `key` (added if absent) written as the msgpack bytes
+    `raw`: values nested past msgpack.packb's own limit of 511 levels."""
+    pairs = {**header, key: None}
+    return PACKER.pack_map_header(len(pairs)) + b"".join(PACKER.pack(k) + (raw if k == key else PACKER.pack(v))
+                                                         for k, v in pairs.items())
+
+
+def nested(depth: int, maps: bool) -> object:
+    """0 inside `depth` arrays, or maps {"k": ...}."""
+    value: object = 0
+    for _ in range(depth):
+        value = {"k": value} if maps else [value]
+    return value
 
 
 @FUZZ
@@ -100,6 +135,55 @@ def test_wrong_field_values(frames: list[bytes], data: st.DataObject, value: obj
     if result is not None and field not in ("v", "kind", "tensors"):
         # only a value of the right type and range passes, and it arrives unchanged (NaN too)
         assert msgpack.packb(getattr(result, field)) == msgpack.packb(value)
+
+
+@FUZZ
+@given(valid_frames, st.data())
+def test_a_key_repeated_in_any_map_is_rejected(frames: list[bytes], data: st.DataObject) -> None:
+    header = msgpack.unpackb(frames[0])
+    maps = [header, *header["tensors"], *([header["values"]] if header.get("values") else [])]
+    target = data.draw(st.sampled_from(maps))
+    key = data.draw(st.sampled_from(sorted(target)))
+    extra = data.draw(st.just(target[key]) | values)  # the same value, or any other
+    at = data.draw(st.integers(0, len(target)))
+    with pytest.raises(wire.WireError, match="^header: duplicate key"):
+        wire.decode([pack_repeating(header, target, key, extra, at), *frames[1:]])
+
+
+@FUZZ
+@given(valid_frames, st.data(), st.integers(1, 400), st.booleans())
+def test_nesting_past_the_limit_is_the_error_named(frames: list[bytes], data: st.DataObject, depth: int,
+                                                   maps: bool) -> None:
+    header = msgpack.unpackb(frames[0])
+    # (container, key, the level at which a container put there sits): the header is level 1
+    places = [(header, key, 2) for key in header]
+    places += [(header["tensors"], i, 3) for i in range(len(header["tensors"]))]
+    places += [(header["values"], key, 3) for key in header.get("values", {})]
+    for desc in header["tensors"]:
+        places += [(desc, key, 4) for key in desc] + [(desc["shape"], i, 5) for i in range(len(desc["shape"]))]
+    container, key, level = data.draw(st.sampled_from(places))
+    container[key] = nested(depth, maps)
+    frames = [msgpack.packb(header), *frames[1:]]
+    if level + depth - 1 > wire.DEFAULT_LIMITS.max_depth:
+        with pytest.raises(wire.WireError, match=f"^{DEEP}"):
+            wire.decode(frames)
+    else:
+        outcome(frames)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"\x91" * 1000 + b"\xc0",  # the fuzzer's 1001-byte frame: it killed nodes with a RecursionError
+        b"\x81\xa1k" * 1024 + b"\xc0",  # maps, as deep as msgpack decodes
+        with_raw_value(END, "seq", b"\x91" * 1000 + b"\x00"),
+        with_raw_value(END, "extra", b"\x81\xa1k" * 1000 + b"\x00"),
+    ],
+    ids=["array", "maps", "field", "unknown-field"],
+)
+def test_nesting_a_thousand_deep_is_rejected_without_recursion(header: bytes) -> None:
+    with pytest.raises(wire.WireError, match=f"^{DEEP}"):
+        wire.decode([header])
 
 
 @FUZZ

@@ -1,0 +1,534 @@
+"""The node core: one node's event logic, with no sockets and no clock of its own.
+
+A driver (the mesh runtime in `dni_mesh.node`, the in-process reference in
+`dni_mesh.reference`) feeds a core the messages that reach its node, `receive(peer, message)`,
+and carries out the actions it returns: `Send` a message to a node, `Acknowledge` an End,
+`EndEdge` (this node's output on an edge is complete), `Record` a metrics line, and `Reject`
+(a message was counted and dropped; the driver may log why). Every received message is checked
+against the node's `Wiring` before anything is kept: a message that does not fit is rejected,
+never held, so no peer can make a node grow, stall or end early by what it sends.
+
+Flow control (protocols/flow-v1.md): a producer keeps at most `window` outputs in flight, each
+waiting for an answer from every consumer (a Gradient, or a bare credit when no gradient is
+due). A consumer answers each activation exactly once, so an in-edge never carries more than
+its producer's window of seqs beyond the consumer's next step: that range is all it accepts.
+Steps are numbered by seq, the source's batch counter, the same on every edge, for train and
+eval batches alike. End(edge, count) closes an edge once every output on it was answered; the
+consumer acknowledges it only when count is what arrived.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Union
+
+import torch
+from torch import Tensor
+
+from dni_mesh import wire
+from dni_mesh.stage import Stage, StepResult
+
+
+@dataclass(frozen=True)
+class InEdge:
+    """An edge into the node, as the node's core checks it."""
+    name: str
+    src: str
+    window: int              # the producer's window: how far past the next step its seqs reach
+    needs_grad: bool         # the producer trains (it is not the source): answer with dh
+    shape: tuple[int, ...]   # one sample of the activation
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class OutEdge:
+    name: str
+    dst: str
+
+
+@dataclass(frozen=True)
+class Wiring:
+    """What a node's core knows of the mesh around it: enough to check every message."""
+    node: str
+    inputs: tuple[InEdge, ...]     # in the order the module takes them
+    outputs: tuple[OutEdge, ...]
+    window: int                    # outputs in flight at most (1 makes a node locked)
+    trains: bool                   # answers to its outputs carry gradients (False: the source)
+    batch_size: int                # the largest batch an activation may carry
+    num_classes: int               # labels lie in [0, num_classes)
+
+
+# Actions: what a driver does for the core.
+@dataclass(frozen=True)
+class Send:
+    node: str
+    message: wire.Message
+
+
+@dataclass(frozen=True)
+class Acknowledge:
+    """Answer the producer's End with EndAck: every message before it was taken."""
+    node: str
+    end: wire.End
+
+
+@dataclass(frozen=True)
+class EndEdge:
+    """Send End(edge, count) to node and wait for its EndAck: the edge is complete."""
+    node: str
+    edge: str
+    count: int
+
+
+@dataclass(frozen=True)
+class Record:
+    """A metrics line; `force` asks the driver to pass it on now rather than rate-limited."""
+    values: dict
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class Reject:
+    """A message was counted and dropped, and why."""
+    peer: str
+    kind: str
+    reason: str
+
+
+Action = Union[Send, Acknowledge, EndEdge, Record, Reject]
+
+
+@dataclass
+class Counters:
+    """What a core reports about itself. progress grows with every event that moves the node
+    on (a message accepted, a batch sent): a node whose progress stops is stuck."""
+    steps: int = 0
+    eval_batches: int = 0
+    samples: int = 0
+    unexpected: int = 0    # valid messages of a kind a node does not take
+    rejected: int = 0      # messages of a kind it takes that do not fit its wiring or state
+    progress: int = 0
+
+
+@dataclass
+class InFlight:
+    """An output waiting for its consumers' answers, and their summed gradient."""
+    phase: str
+    shape: tuple[int, ...]
+    waiting: set[str]
+    grad: Tensor | None = None
+
+
+class Outputs:
+    """The pending table of a producing node: at most `window` outputs in flight."""
+
+    def __init__(self, wiring: Wiring):
+        self.wiring = wiring
+        self.edges = {edge.name: edge for edge in wiring.outputs}
+        self.pending: dict[int, InFlight] = {}
+        self.sent = 0  # per out-edge: every output goes down every out-edge
+
+    def full(self) -> bool:
+        return len(self.pending) >= self.wiring.window
+
+    def send(self, seq: int, h: Tensor, labels: Tensor | None, phase: str) -> list[Action]:
+        h = h.detach().cpu()
+        labels = labels.cpu() if labels is not None else None
+        self.pending[seq] = InFlight(phase, tuple(h.shape), set(self.edges))
+        self.sent += 1
+        return [Send(edge.dst, wire.Activation(edge.name, seq, h, labels, phase))
+                for edge in self.edges.values()]
+
+    def answer(self, peer: str, message: wire.Gradient) -> InFlight | str | None:
+        """Take a consumer's answer: the entry once every consumer has answered, None while
+        some still owe theirs, or the reason the answer does not fit (to reject it)."""
+        edge = self.edges.get(message.edge)
+        if edge is None:
+            return f"no out-edge {message.edge!r} at node {self.wiring.node}"
+        if peer != edge.dst:
+            return f"edge {edge.name} is answered by {edge.dst!r}, not by this peer"
+        entry = self.pending.get(message.seq)
+        if entry is None or edge.name not in entry.waiting:
+            return f"no output seq {message.seq} on {edge.name} waits for an answer"
+        dh = message.dh
+        if dh is None and entry.phase == "train" and self.wiring.trains:
+            return f"seq {message.seq} on {edge.name} is a training output: it needs its gradient"
+        if dh is not None:
+            if entry.phase != "train" or not self.wiring.trains:
+                return f"seq {message.seq} on {edge.name} takes a bare credit, not a gradient"
+            if tuple(dh.shape) != entry.shape or not dh.is_floating_point():
+                return (f"gradient for seq {message.seq} on {edge.name} has {dh.dtype} "
+                        f"{list(dh.shape)}, the output was {list(entry.shape)}")
+        entry.waiting.discard(edge.name)
+        if dh is not None:
+            entry.grad = dh.clone() if entry.grad is None else entry.grad + dh
+        if entry.waiting:
+            return None
+        return self.pending.pop(message.seq)
+
+    def waiting_for(self) -> str:
+        if not self.pending:
+            return "nothing"
+        seq = min(self.pending)
+        edges = ", ".join(sorted(self.pending[seq].waiting))
+        return f"the answer to seq {seq} on {edges}"
+
+    def end(self) -> list[Action]:
+        return [EndEdge(edge.dst, edge.name, self.sent) for edge in self.edges.values()]
+
+
+@dataclass
+class EvalPass:
+    """A head's loss and accuracy over one pass of the test set. Batches without labels are
+    evaluated but counted apart: accuracy is over the labelled samples only."""
+    batches: int = 0
+    samples: int = 0
+    labelled: int = 0
+    correct: int = 0
+    loss_sum: float = 0.0
+    started: float = 0.0
+
+    def add(self, result: StepResult, n: int, now: float) -> None:
+        if not self.batches:
+            self.started = now
+        self.batches += 1
+        self.samples += n
+        if result.correct is not None:
+            self.labelled += n
+            self.correct += result.correct
+            self.loss_sum += result.loss * n
+
+    def result(self) -> dict:
+        values = {"test_samples": self.samples, "test_labelled": self.labelled}
+        if self.labelled:
+            values.update(test_accuracy=self.correct / self.labelled,
+                          test_loss=self.loss_sum / self.labelled)
+        return values
+
+
+@dataclass
+class TrainClock:
+    """Training throughput, with evaluation passes taken out of the wall time."""
+    first: float | None = None
+    paused: float = 0.0
+    samples: int = 0
+
+    def tick(self, n: int, now: float) -> None:
+        if self.first is None:
+            self.first = now
+        else:
+            self.samples += n  # the first batch starts the clock
+
+    def rate(self, now: float) -> float:
+        if self.first is None:
+            return 0.0
+        elapsed = now - self.first - self.paused
+        return self.samples / elapsed if elapsed > 0 else 0.0
+
+
+Clock = Callable[[], float]
+
+
+class Core:
+    """What every node's core shares: counters, the pending table of its outputs, the clock,
+    and the dispatch of received messages."""
+
+    def __init__(self, wiring: Wiring, clock: Clock):
+        self.wiring = wiring
+        self.clock = clock
+        self.counters = Counters()
+        self.outputs = Outputs(wiring)
+        self.train_clock = TrainClock()
+        self.finished = False
+
+    def receive(self, peer: str, message: wire.Message) -> list[Action]:
+        """Take one message from peer (the transport's identity of the sender); the actions
+        that follow, including any steps the message made possible."""
+        if isinstance(message, wire.Activation):
+            problem = self.take_activation(peer, message)
+        elif isinstance(message, wire.Gradient):
+            answered = self.outputs.answer(peer, message)
+            problem = answered if isinstance(answered, str) else None
+            if problem is None:
+                self.counters.progress += 1
+                if answered is not None:
+                    return [*self.learn(message.seq, answered), *self.advance()]
+        elif isinstance(message, wire.End):
+            problem = self.take_end(peer, message)
+            if problem is None:
+                return [Acknowledge(peer, message), *self.advance()]
+        else:
+            self.counters.unexpected += 1
+            return [Reject(peer, message.KIND, f"node {self.wiring.node} takes no {message.KIND!r}")]
+        if problem is not None:
+            self.counters.rejected += 1
+            return [Reject(peer, message.KIND, problem)]
+        return self.advance()
+
+    def take_activation(self, peer: str, message: wire.Activation) -> str | None:
+        return f"node {self.wiring.node} has no in-edges"
+
+    def take_end(self, peer: str, message: wire.End) -> str | None:
+        return f"node {self.wiring.node} has no in-edges"
+
+    def learn(self, seq: int, entry: InFlight) -> list[Action]:
+        """Every consumer answered output seq."""
+        return []
+
+    def advance(self) -> list[Action]:
+        """Whatever can be done now without another message."""
+        raise NotImplementedError
+
+    def rate(self) -> float:
+        return self.train_clock.rate(self.clock())
+
+    def waiting_for(self) -> str:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """The core's position: counters and how far each edge got (plain numbers)."""
+        return {"counters": asdict(self.counters), "sent": self.outputs.sent}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.counters = Counters(**state["counters"])
+        self.outputs.sent = int(state["sent"])
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batch the source sends."""
+    x: Tensor
+    y: Tensor
+    phase: str  # "train" or "eval"
+
+
+@dataclass(frozen=True)
+class EpochEnd:
+    """The source has sent an epoch's training batches (its evaluation may follow)."""
+    epoch: int
+
+
+class SourceCore(Core):
+    """The data source: sends every batch down every out-edge, `window` in flight at most."""
+
+    def __init__(self, wiring: Wiring, data: Iterator[Batch | EpochEnd], clock: Clock):
+        super().__init__(wiring, clock)
+        self.data = data
+        self.exhausted = False
+        self.seq = 0
+
+    def advance(self) -> list[Action]:
+        actions: list[Action] = []
+        while not self.exhausted and not self.outputs.full():
+            item = next(self.data, None)
+            if item is None:
+                self.exhausted = True
+            elif isinstance(item, EpochEnd):
+                actions.append(Record({"event": "epoch", "epoch": item.epoch, "sent": self.seq}, True))
+            else:
+                actions += self.outputs.send(self.seq, item.x, item.y, item.phase)
+                self.seq += 1
+                self.counters.progress += 1
+                if item.phase == "train":
+                    self.counters.steps += 1
+                    self.counters.samples += len(item.y)
+                    self.train_clock.tick(len(item.y), self.clock())
+                else:
+                    self.counters.eval_batches += 1
+        if self.exhausted and not self.outputs.pending and not self.finished:
+            self.finished = True
+            actions += self.outputs.end()
+        return actions
+
+    def waiting_for(self) -> str:
+        if self.finished:
+            return "nothing (finished)"
+        if self.outputs.pending:
+            return self.outputs.waiting_for()
+        return "nothing (sending)"
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "seq": self.seq}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.seq = int(state["seq"])
+
+
+class StageCore(Core):
+    """A stage or head: joins the activations of seq t from every in-edge, steps its Stage,
+    sends the output downstream and the gradient (or a bare credit) upstream."""
+
+    def __init__(self, wiring: Wiring, stage: Stage, clock: Clock):
+        super().__init__(wiring, clock)
+        self.stage = stage
+        self.inputs = {edge.name: edge for edge in wiring.inputs}
+        self.arrived: dict[int, dict[str, wire.Activation]] = {}
+        self.accepted = dict.fromkeys(self.inputs, 0)  # activations taken per in-edge
+        self.ended: set[str] = set()
+        self.next_seq = 0
+        self.eval = EvalPass()
+
+    def open_edge(self, peer: str, name: str) -> InEdge | str:
+        """The in-edge a message names, if peer is its producer and it has not ended; else why not."""
+        edge = self.inputs.get(name)
+        if edge is None:
+            return f"no in-edge {name!r} at node {self.wiring.node}"
+        if peer != edge.src:
+            return f"edge {edge.name} is fed by {edge.src!r}, not by this peer"
+        if edge.name in self.ended:
+            return f"{edge.name} has ended"
+        return edge
+
+    def take_activation(self, peer: str, act: wire.Activation) -> str | None:
+        edge = self.open_edge(peer, act.edge)
+        if isinstance(edge, str):
+            return edge
+        if not self.next_seq <= act.seq < self.next_seq + edge.window:
+            return (f"seq {act.seq} on {edge.name} is outside the window "
+                    f"[{self.next_seq}, {self.next_seq + edge.window})")
+        others = self.arrived.get(act.seq, {})
+        if edge.name in others:
+            return f"seq {act.seq} on {edge.name} arrived twice"
+        problem = self.check_tensors(edge, act)
+        if problem is None and others:
+            first = next(iter(others.values()))
+            if (first.phase, len(first.h)) != (act.phase, len(act.h)):
+                problem = (f"seq {act.seq} on {edge.name} is a {act.phase} batch of {len(act.h)}, "
+                           f"{first.edge} brought a {first.phase} batch of {len(first.h)}")
+        if problem is not None:
+            return problem
+        self.arrived.setdefault(act.seq, {})[edge.name] = act
+        self.accepted[edge.name] += 1
+        self.counters.progress += 1
+        return None
+
+    def check_tensors(self, edge: InEdge, act: wire.Activation) -> str | None:
+        h, labels, batch = act.h, act.labels, len(act.h) if act.h.dim() else 0
+        if tuple(h.shape[1:]) != edge.shape or h.dtype != edge.dtype or h.dim() == 0:
+            return (f"activation on {edge.name} is {h.dtype} {list(h.shape)}, expected "
+                    f"{edge.dtype} [batch, {', '.join(map(str, edge.shape))}]")
+        if not 1 <= batch <= self.wiring.batch_size:
+            return f"batch of {batch} on {edge.name}, expected 1 to {self.wiring.batch_size}"
+        if labels is None:
+            return f"training batch on {edge.name} without labels" if act.phase == "train" else None
+        if tuple(labels.shape) != (batch,):
+            return f"labels on {edge.name} have shape {list(labels.shape)}, expected [{batch}]"
+        if not (0 <= int(labels.min()) and int(labels.max()) < self.wiring.num_classes):
+            return f"labels on {edge.name} outside [0, {self.wiring.num_classes})"
+        return None
+
+    def take_end(self, peer: str, end: wire.End) -> str | None:
+        edge = self.open_edge(peer, end.edge)
+        if isinstance(edge, str):
+            return edge
+        if end.seq != self.accepted[edge.name]:
+            return f"End of {edge.name} counts {end.seq} activations, {self.accepted[edge.name]} arrived"
+        self.ended.add(edge.name)
+        self.counters.progress += 1
+        return None
+
+    def ready(self) -> bool:
+        return len(self.arrived.get(self.next_seq, ())) == len(self.inputs)
+
+    def advance(self) -> list[Action]:
+        actions: list[Action] = []
+        while self.ready() and not self.outputs.full():
+            arrived = self.arrived.pop(self.next_seq)
+            actions += self.step(self.next_seq, [arrived[name] for name in self.inputs])
+            self.next_seq += 1
+        done = len(self.ended) == len(self.inputs) and not self.arrived and not self.outputs.pending
+        if done and not self.finished:
+            self.finished = True
+            actions += self.close_eval()
+            actions += self.outputs.end()
+        return actions
+
+    def step(self, seq: int, acts: list[wire.Activation]) -> list[Action]:
+        phase, n = acts[0].phase, len(acts[0].h)
+        labels = next((a.labels for a in acts if a.labels is not None), None)
+        inputs = [aligned(a.h) for a in acts]
+        if phase != "train":
+            result = self.stage.evaluate(inputs, labels)
+            actions = self.send_output(seq, result, labels, phase)
+            self.eval.add(result, n, self.clock())
+            self.counters.eval_batches += 1
+            return actions + self.reply(seq, None)
+        actions = self.close_eval()
+        self.train_clock.tick(n, self.clock())
+        needs_grad = [edge.needs_grad for edge in self.inputs.values()]
+        result = self.stage.forward(seq, inputs, labels, needs_grad)
+        actions += self.send_output(seq, result, labels, phase)
+        self.counters.steps += 1
+        self.counters.samples += n
+        if result.input_grads is not None or not self.wiring.outputs:
+            actions += self.reply(seq, result.input_grads)
+        record = {"event": "step", "step": self.counters.steps, "seq": seq,
+                  "samples_per_s": self.rate()}
+        if result.loss is not None:
+            record["loss"] = result.loss
+        return actions + [Record(record)]
+
+    def send_output(self, seq: int, result: StepResult, labels: Tensor | None,
+                    phase: str) -> list[Action]:
+        if result.output is None:
+            return []
+        return self.outputs.send(seq, result.output, labels, phase)
+
+    def learn(self, seq: int, entry: InFlight) -> list[Action]:
+        """All consumers answered a training output: fit the synthesizer or do the locked update."""
+        if entry.phase != "train" or entry.grad is None:
+            return []
+        result = self.stage.backward(seq, entry.grad)
+        actions = self.reply(seq, result.input_grads) if result.input_grads is not None else []
+        if result.sg_loss is not None:
+            actions.append(Record({"event": "fit", "step": self.counters.steps, "seq": seq,
+                                   "sg_loss": result.sg_loss, "samples_per_s": self.rate()}))
+        return actions
+
+    def reply(self, seq: int, grads: list[Tensor | None] | None) -> list[Action]:
+        """Answer every in-edge for seq: its gradient where it needs one, else a bare credit."""
+        actions: list[Action] = []
+        for i, edge in enumerate(self.inputs.values()):
+            dh = grads[i] if grads is not None and edge.needs_grad else None
+            actions.append(Send(edge.src, wire.Gradient(edge.name, seq, dh.cpu() if dh is not None else None)))
+        return actions
+
+    def close_eval(self) -> list[Action]:
+        """An evaluation pass ends where training resumes or the data ends."""
+        if not self.eval.batches:
+            return []
+        actions: list[Action] = []
+        if self.stage.head:
+            actions.append(Record({"event": "eval", **self.eval.result()}, force=True))
+        self.train_clock.paused += self.clock() - self.eval.started
+        self.eval = EvalPass()
+        return actions
+
+    def waiting_for(self) -> str:
+        if self.finished:
+            return "nothing (finished)"
+        if self.outputs.full():
+            return self.outputs.waiting_for()
+        here = self.arrived.get(self.next_seq, {})
+        missing = [name for name in self.inputs if name not in self.ended and name not in here]
+        if missing:
+            return f"activation seq {self.next_seq} on {', '.join(missing)}"
+        return self.outputs.waiting_for()
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "next_seq": self.next_seq, "accepted": dict(self.accepted)}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.next_seq = int(state["next_seq"])
+        self.accepted = {name: int(state["accepted"][name]) for name in self.inputs}
+
+
+def aligned(t: Tensor) -> Tensor:
+    """A received tensor, copied when its frame is not 64-byte aligned.
+
+    CPU kernels pick code paths by alignment, and results differ in the last bits between them;
+    computing on aligned memory makes a node's arithmetic match the single-process reference.
+    """
+    return t if t.data_ptr() % 64 == 0 else t.clone()
