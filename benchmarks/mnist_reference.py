@@ -40,7 +40,7 @@ from functools import partial
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from dni_mesh.reference import ChainConfig, ChainTrainer, NodeSpec
+from dni_mesh.reference import ChainConfig, ChainNode, ChainTrainer
 from dni_mesh.synthetic import SyntheticGradientConfig
 from nodes.data import MNIST
 from nodes.mlp import Block, Classifier
@@ -70,10 +70,10 @@ class Run:
 
 
 def chain(mode: str, depth: int, settings: dict) -> ChainTrainer:
-    nodes = [NodeSpec(f"fc{i + 1}", partial(Block, 784 if i == 0 else WIDTH, WIDTH))
+    nodes = [ChainNode(f"fc{i + 1}", partial(Block, 784 if i == 0 else WIDTH, WIDTH))
              for i in range(depth)]
-    nodes.append(NodeSpec("head", partial(Classifier, WIDTH, 10),
-                          optimizer={"name": "adam", "lr": settings["head_lr"]}))
+    nodes.append(ChainNode("head", partial(Classifier, WIDTH, 10),
+                           optimizer={"name": "adam", "lr": settings["head_lr"]}))
     synthesizer = SyntheticGradientConfig(hidden=settings["sg_hidden"], width=settings["sg_width"],
                                           optimizer={"name": "adam", "lr": settings["sg_lr"]},
                                           target=settings["sg_target"] or "bootstrap")
@@ -100,7 +100,7 @@ def train(mode: str, depth: int, settings: dict, args: argparse.Namespace) -> Ru
         tick = time.perf_counter()
         losses = []
         for x, y in train_set.iterate(epoch):
-            losses.append(trainer.step(x, y).loss)
+            losses.append(trainer.step(x, y))
             for schedule in schedules:
                 schedule.step()
             samples += len(y)

@@ -1,26 +1,38 @@
-"""From settings to the objects that run a node: seeded stages, data, wiring and node cores.
+"""From settings to the objects that run a node: the mesh's plan, seeded stages, data, wiring
+and node cores.
 
 Every node process, and the single-process reference built from the same file, goes through
 these functions, so a node's weights depend only on (topology seed, node name) wherever it runs,
 and a node's core checks messages against the same wiring in the mesh and in the reference.
+
+The plan (`resolve_plan`) is what each node sends, found once by building every module and
+dry-running it on what its in-edges will carry; it is where a mesh that cannot run is refused,
+naming the node. `dni-mesh validate` and the launcher resolve it before anything starts; the
+launcher hands it to the node processes (`node_plan`), which then build only their own module.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import socket
+import traceback
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from dni_mesh import wire
 from dni_mesh.core import Batch, Clock, EpochEnd, InEdge, OutEdge, SourceCore, StageCore, Wiring
 from dni_mesh.objective import Classification
 from dni_mesh.stage import Stage
 from dni_mesh.synthetic import SyntheticGradientConfig, Synthesizer, make_optimizer
-from dni_mesh.topology import Topology, resolve_import
+from dni_mesh.topology import Topology, TopologyError, resolve_import
 from dni_mesh.update import SyntheticGradient, UpdateRule, update_rule
 
 
@@ -45,25 +57,24 @@ def make_stage(name: str, make_module: Callable[[], nn.Module], *,
                input_shapes: Sequence[tuple[int, ...]], optimizer: dict,
                rule: UpdateRule | None, synthetic_gradient: SyntheticGradientConfig | None = None,
                num_classes: int, seed: int = 0, window: int = 1,
-               device: torch.device | str = "cpu") -> Stage:
+               device: torch.device | str = "cpu",
+               output_shape: tuple[int, ...] | None = None) -> Stage:
     """A node's Stage: module, optimizer and synthesizer seeded from (seed, name). rule None
     makes a head, which owns the classification objective.
 
     The module is built under node_seed(seed, name) and the synthesizer under
     node_seed(seed, name + "/synthesizer"), both on the CPU and inside a forked RNG, so the
     caller's random state is untouched and changing one never shifts the other's weights.
-    input_shapes are per-sample input shapes, used to size the synthesizer. A SyntheticGradient
-    rule decides whether the synthesizer is conditioned; BPLambda keeps the config's choice.
+    The synthesizer is sized by output_shape, one sample of the module's output, or when that
+    is None by a dry run on float32 input_shapes (per-sample input shapes).
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(node_seed(seed, name))
         module = make_module()
     synthesizer = sg_optimizer = None
     if rule is not None and rule.synthetic:
-        sg_config = synthetic_gradient or SyntheticGradientConfig()
-        if isinstance(rule, SyntheticGradient):
-            sg_config = replace(sg_config, conditioned=rule.conditioned)
-        shape, _ = output_spec(module, input_shapes)
+        sg_config = synthesizer_config(rule, synthetic_gradient or SyntheticGradientConfig())
+        shape = output_shape if output_shape is not None else output_spec(module, input_shapes)[0]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(node_seed(seed, name + "/synthesizer"))
             synthesizer = Synthesizer(shape, num_classes, sg_config)
@@ -75,6 +86,14 @@ def make_stage(name: str, make_module: Callable[[], nn.Module], *,
     return Stage(name, module, make_optimizer(module.parameters(), optimizer), rule=rule,
                  objective=objective, synthesizer=synthesizer, sg_optimizer=sg_optimizer,
                  window=window, device=device)
+
+
+def synthesizer_config(rule: UpdateRule,
+                       config: SyntheticGradientConfig) -> SyntheticGradientConfig:
+    """A SyntheticGradient rule decides whether the synthesizer is conditioned; BPLambda keeps
+    the config's choice."""
+    return replace(config, conditioned=rule.conditioned) if isinstance(rule, SyntheticGradient) \
+        else config
 
 
 # From a topology.
@@ -91,9 +110,10 @@ def build_source(topology: Topology, split: str):
 
 def source_batches(topology: Topology) -> Iterator[Batch | EpochEnd]:
     """What the source sends: every epoch's training batches, then the test set at each
-    evaluation point."""
+    evaluation point. The test split is loaded at the first evaluation, not before the first
+    training batch."""
     data = topology.data
-    train, test = build_source(topology, "train"), build_source(topology, "test")
+    train, test = build_source(topology, "train"), None
     for epoch in range(1, data.epochs + 1):
         train.set_epoch(epoch - 1)
         for batch, (x, y) in enumerate(train):
@@ -102,6 +122,8 @@ def source_batches(topology: Topology) -> Iterator[Batch | EpochEnd]:
             yield Batch(x, y, "train")
         yield EpochEnd(epoch)
         if epoch == data.epochs or (data.eval_every and epoch % data.eval_every == 0):
+            if test is None:
+                test = build_source(topology, "test")
             for x, y in test:
                 yield Batch(x, y, "eval")
 
@@ -111,25 +133,293 @@ def module_factory(topology: Topology, name: str) -> Callable[[], nn.Module]:
     return partial(resolve_import(spec.module, topology.root), **spec.args)
 
 
+# The plan: what each node sends, resolved once for the whole mesh.
+
+DRY_BATCH = 2
+"""Samples in a dry run: two, so batch norm in eval mode and a batch dimension both show."""
+WIRE_FLOATS = {name: dtype for name, dtype in wire.DTYPES.items() if dtype.is_floating_point}
+"""The dtypes a stage may send: floating (gradients come back for them), carried by the wire."""
+PLAN_VERSION = 1
+_HERE, _TORCH = str(Path(__file__).parent), str(Path(torch.__file__).parent)
+
+
 @dataclass(frozen=True)
-class Probe:
-    """Every node's per-sample output shape and dtype, and the number of classes."""
+class Plan:
+    """Every node's per-sample output shape and dtype (the source's: one sample of its data; a
+    head's: its class scores), and the number of classes. It is all a node needs to know of
+    the others to build its own stage and check what its in-edges carry (`wiring`)."""
     shapes: dict[str, tuple[int, ...]]
     dtypes: dict[str, torch.dtype]
     num_classes: int
 
+    def describe(self, name: str) -> str:
+        """What `name` sends, e.g. "float32[256]"."""
+        return f"{wire_name(self.dtypes[name])}[{','.join(map(str, self.shapes[name]))}]"
 
-def probe(topology: Topology) -> Probe:
-    """Found by a dry run of each module (eval mode, two zero samples) in topological order;
-    the source's comes from a test-split data source, which is small to load."""
-    test = build_source(topology, "test")
-    x, _ = next(iter(test))
-    shapes, dtypes = {topology.source: tuple(test.sample_shape)}, {topology.source: x.dtype}
-    for name in topology.topological_order():
-        if topology.nodes[name].role == "stage":
-            inputs = [shapes[e.src] for e in topology.inputs(name)]
-            shapes[name], dtypes[name] = output_spec(module_factory(topology, name)(), inputs)
-    return Probe(shapes, dtypes, test.num_classes)
+    def save(self, path: Path, topology: Topology) -> None:
+        """Write the plan as JSON, for `node_plan` in the node processes of this topology."""
+        outputs = {name: {"shape": list(self.shapes[name]), "dtype": wire_name(self.dtypes[name])}
+                   for name in self.shapes}
+        Path(path).write_text(json.dumps({
+            "plan": PLAN_VERSION, "topology": str(topology.path), "digest": plan_digest(topology),
+            "num_classes": self.num_classes, "outputs": outputs}, indent=1) + "\n")
+
+
+Probe = Plan  # the former name
+
+
+def wire_name(dtype: torch.dtype) -> str:
+    return next((name for name, d in wire.DTYPES.items() if d == dtype), str(dtype))
+
+
+def plan_digest(topology: Topology) -> str:
+    """A digest of what decides the plan (data source, node modules and args, edges), so a
+    node refuses a plan made for another file or other `--set`s."""
+    decisive = {"data": [topology.data.source, topology.data.args],
+                "nodes": {n.name: [n.role, n.module, n.args] for n in topology.nodes.values()},
+                "edges": [e.name for e in topology.edges]}
+    return hashlib.sha256(json.dumps(decisive, sort_keys=True, default=repr).encode()).hexdigest()
+
+
+def load_plan(path: Path, topology: Topology) -> Plan:
+    """The plan `Plan.save` wrote for this topology; TopologyError if it is unreadable or was
+    made for a different one."""
+    def refuse(problem: str) -> TopologyError:
+        return TopologyError(f"{problem}; leave --plan out and the node resolves the plan itself",
+                             file=str(path))
+
+    try:
+        saved = json.loads(Path(path).read_text())
+        if saved.get("plan") != PLAN_VERSION:
+            raise refuse(f"plan version {saved.get('plan')!r}, this code reads {PLAN_VERSION}")
+        if saved["digest"] != plan_digest(topology):
+            raise refuse(f"the plan was made for {saved.get('topology')} with other nodes, edges "
+                         f"or data than {topology.path} (and its --set options) has")
+        outputs = saved["outputs"]
+        missing = [name for name in topology.nodes if name not in outputs]
+        if missing:
+            raise refuse(f"no output for {', '.join(missing)}")
+        return Plan({name: tuple(int(n) for n in out["shape"]) for name, out in outputs.items()},
+                    {name: wire.DTYPES[out["dtype"]] for name, out in outputs.items()},
+                    int(saved["num_classes"]))
+    except TopologyError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise refuse(f"cannot read the plan: {type(exc).__name__}: {exc}") from None
+
+
+def device_problem(device: str) -> str | None:
+    """Why `device` cannot run a module on this machine, or None when it can."""
+    where = torch.device(device)
+    if where.type == "cuda":
+        if not torch.cuda.is_available():
+            return "this machine has no CUDA device (torch.cuda.is_available() is False)"
+        count = torch.cuda.device_count()
+        if (where.index or 0) >= count:
+            return f"this machine has {count} CUDA device(s): cuda:0 to cuda:{count - 1}"
+    return None
+
+
+def check_device(topology: Topology, name: str) -> None:
+    device = topology.nodes[name].device
+    if (problem := device_problem(device)) is not None:
+        raise topology.error(("nodes", name, "device"), f"node {name}: device {device!r}: "
+                             f"{problem}; set nodes.{name}.device: cpu, or run {name} where "
+                             f"{device} exists")
+
+
+def nodes_here(topology: Topology) -> list[str]:
+    """The nodes whose host address this machine has (it can bind it): the ones whose device
+    `validate` can check here. `dni-mesh run` starts every node here and checks all."""
+    here = {}
+    for host in topology.hosts.values():
+        with socket.socket() as sock:
+            try:
+                sock.bind((host.address, 0))
+                here[host.name] = True
+            except OSError:
+                here[host.name] = False
+    return [name for name, node in topology.nodes.items() if here[node.host]]
+
+
+def resolve_plan(topology: Topology, devices: Iterable[str] | None = None) -> Plan:
+    """The mesh's plan, found by building every stage and head and dry-running it, in
+    topological order, on what its in-edges will carry: DRY_BATCH zero samples of each
+    producer's shape and dtype, as module(*inputs) in edge order, in eval mode, on the CPU.
+    The source's sample comes from its test split. `devices`: the nodes whose device must
+    exist on this machine (None: all of them).
+
+    Raises TopologyError at the offending node's key, naming the node, its module and what
+    it got, when a module cannot be built or run on its inputs, returns no batch of a floating
+    dtype the wire carries, a head gives no [batch, num_classes] scores, or a synthesizer
+    cannot be built or run on its stage's output.
+
+    The dtype rule: a stage may send any floating dtype the wire carries (WIRE_FLOATS) that
+    everything computing on it at run time takes, each consumer's module and its own
+    synthesizer (float32, in every synthetic-gradient mode), since the core requires each
+    in-edge to carry exactly its producer's dtype and nothing casts on the way. When a consumer
+    refuses an input that it takes as float32, the producer is blamed, not the consumer. In
+    practice: float32 everywhere, or another dtype only out of a backprop-mode stage into
+    modules built for it.
+    """
+    for name in topology.nodes if devices is None else devices:
+        check_device(topology, name)
+    source = topology.source
+    shape, dtype, num_classes = _source_sample(topology)
+    shapes, dtypes = {source: shape}, {source: dtype}
+    with torch.random.fork_rng(devices=[]):  # building modules must not move the caller's RNG
+        for name in topology.topological_order():
+            if name != source:
+                shapes[name], dtypes[name] = _dry_run(topology, name, shapes, dtypes, num_classes)
+    return Plan(shapes, dtypes, num_classes)
+
+
+def probe(topology: Topology) -> Plan:
+    """The plan without device checks (the former name, for one-process drivers)."""
+    return resolve_plan(topology, devices=())
+
+
+def node_plan(topology: Topology, name: str, path: Path | None = None) -> Plan:
+    """The plan a node process starts from: the launcher's file when given, so that the node
+    builds only its own module; else resolved here, as `validate` does (a node started by
+    hand). Either way the node's own device must exist here."""
+    if path is None:
+        return resolve_plan(topology, devices=[name])
+    check_device(topology, name)
+    return load_plan(path, topology)
+
+
+def _source_sample(topology: Topology) -> tuple[tuple[int, ...], torch.dtype, int]:
+    """One sample's shape and dtype, and the number of classes, from the test split."""
+    data = topology.data
+    try:
+        test = build_source(topology, "test")
+        x, _ = next(iter(test))
+        shape, num_classes = tuple(test.sample_shape), int(test.num_classes)
+    except Exception as exc:
+        raise topology.error(("data", "source"), f"the data source {data.source} gives no test "
+                             f"batch: {_why(exc)}") from exc
+    if not isinstance(x, torch.Tensor) or x.dtype not in wire.DTYPES.values():
+        got = wire_name(x.dtype) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise topology.error(("data", "source"), f"the data source {data.source} gives {got} "
+                             f"samples; the wire carries {', '.join(wire.DTYPES)}")
+    return shape, x.dtype, num_classes
+
+
+def _show(x: torch.Tensor) -> str:
+    return f"{wire_name(x.dtype)}[{','.join(map(str, x.shape))}]"
+
+
+def _why(exc: BaseException) -> str:
+    """The exception on one line, with the innermost line of user code it came from."""
+    text = " ".join(str(exc).split()) or "(no message)"
+    if len(text) > 600:
+        text = text[:600] + " ..."
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not f.filename.startswith((_HERE, _TORCH))]
+    where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
+    return f"{type(exc).__name__}: {text}{where}"
+
+
+def _forward(module: Callable, inputs: list[torch.Tensor]) -> tuple[object, Exception | None]:
+    try:
+        with torch.no_grad():
+            return module(*inputs), None
+    except Exception as exc:
+        return None, exc
+
+
+def _dry_run(topology: Topology, name: str, shapes: dict[str, tuple[int, ...]],
+             dtypes: dict[str, torch.dtype],
+             num_classes: int) -> tuple[tuple[int, ...], torch.dtype]:
+    """Build node `name`'s module and run it as `resolve_plan` says; its output's spec."""
+    spec = topology.nodes[name]
+    who = f"{name} ({spec.module})"
+    producers = [e.src for e in topology.inputs(name)]
+    inputs = [torch.zeros(DRY_BATCH, *shapes[p], dtype=dtypes[p]) for p in producers]
+    got = f"got inputs {', '.join(map(_show, inputs))}"
+    try:
+        module = module_factory(topology, name)()
+    except Exception as exc:
+        raise topology.error(("nodes", name, "args" if spec.args else "module"),
+                             f"{who} cannot be built from args {spec.args}: {_why(exc)}") from exc
+    if not isinstance(module, nn.Module):
+        raise topology.error(("nodes", name, "module"),
+                             f"{who} gives a {type(module).__name__}, not a torch.nn.Module")
+    module.eval()
+    out, error = _forward(module, inputs)
+    if error is not None:
+        _blame_producer(topology, who, producers, inputs, module, got, error)
+        raise topology.error(("nodes", name, "module"), f"{who} {got}: {_why(error)}") from error
+    if not isinstance(out, torch.Tensor):
+        raise topology.error(("nodes", name, "module"), f"{who} {got}: returned a "
+                             f"{type(out).__name__}; a node's module returns one tensor")
+    sent = f"{who} {got} and returned {_show(out)}"
+    if out.dim() == 0 or out.shape[0] != DRY_BATCH:
+        raise topology.error(("nodes", name, "module"), f"{sent}: the first dimension of the "
+                             f"output must be the batch ({DRY_BATCH} here)")
+    labels = torch.zeros(DRY_BATCH, dtype=torch.int64)
+    if spec.role == "head":
+        if tuple(out.shape[1:]) != (num_classes,):
+            raise topology.error(("nodes", name, "module"), (
+                f"{sent}: a head gives [batch, {num_classes}] class scores (the data has "
+                f"{num_classes} classes)"))
+        try:
+            Classification(num_classes).loss(out, labels)
+        except Exception as exc:
+            raise topology.error(("nodes", name, "module"), f"{sent}, which the classification "
+                                 f"loss cannot take: {_why(exc)}") from exc
+    elif out.dtype not in WIRE_FLOATS.values():
+        raise topology.error(("nodes", name, "module"), f"{sent}: a stage sends a floating dtype "
+                             f"the wire carries ({', '.join(WIRE_FLOATS)})")
+    else:
+        _dry_run_synthesizer(topology, name, who, out, labels, num_classes)
+    return tuple(out.shape[1:]), out.dtype
+
+
+def _blame_producer(topology: Topology, who: str, producers: list[str],
+                    inputs: list[torch.Tensor], module: nn.Module, got: str,
+                    error: Exception) -> None:
+    """Raise at the producer when the consumer takes as float32 what it refused in the
+    producer's dtype: the producer's choice of dtype is the mistake."""
+    odd = [i for i, (p, x) in enumerate(zip(producers, inputs))
+           if x.dtype != torch.float32 and topology.nodes[p].role == "stage"]
+    if not odd:
+        return
+    cast = [x.float() if i in odd else x for i, x in enumerate(inputs)]
+    _, again = _forward(module, cast)
+    if again is None:
+        name = producers[odd[0]]
+        raise topology.error(("nodes", name, "module"), (
+            f"{name} ({topology.nodes[name].module}) sends {_show(inputs[odd[0]])}, which its "
+            f"consumer {who} cannot take ({who} {got}: {_why(error)}); it takes float32")) \
+            from error
+
+
+def _dry_run_synthesizer(topology: Topology, name: str, who: str, out: torch.Tensor,
+                         labels: torch.Tensor, num_classes: int) -> None:
+    """Build the stage's synthesizer, when its rule has one, and run it on the output."""
+    rule = node_rule(topology, name)
+    if rule is None or not rule.synthetic:
+        return
+    key = ("nodes", name, "synthetic_gradient")
+    try:
+        config = synthesizer_config(rule, SyntheticGradientConfig(
+            **topology.nodes[name].synthetic_gradient))
+        synthesizer = Synthesizer(tuple(out.shape[1:]), num_classes, config).eval()
+    except Exception as exc:
+        raise topology.error(key, f"{name}: no synthesizer for its output {_show(out)}: "
+                             f"{_why(exc)}") from exc
+    conditioned = labels if config.conditioned else None
+    _, error = _forward(synthesizer, [out, conditioned])
+    if error is None:
+        return
+    if out.dtype != torch.float32 and _forward(synthesizer, [out.float(), conditioned])[1] is None:
+        raise topology.error(("nodes", name, "module"), (
+            f"{who} sends {_show(out)}, which its synthesizer (float32) cannot take: "
+            f"{_why(error)}; a stage with synthetic gradients sends float32")) from error
+    raise topology.error(key, f"{name}: its synthesizer on its output {_show(out)}: "
+                         f"{_why(error)}") from error
 
 
 def node_rule(topology: Topology, name: str) -> UpdateRule | None:
@@ -148,7 +438,7 @@ def node_window(topology: Topology, name: str) -> int:
     return 1 if locked else spec.window
 
 
-def wiring(topology: Topology, name: str, found: Probe) -> Wiring:
+def wiring(topology: Topology, name: str, found: Plan) -> Wiring:
     spec = topology.nodes[name]
     inputs = tuple(InEdge(e.name, e.src, node_window(topology, e.src),
                           topology.nodes[e.src].role != "source", found.shapes[e.src],
@@ -159,8 +449,9 @@ def wiring(topology: Topology, name: str, found: Probe) -> Wiring:
                   topology.data.batch_size, found.num_classes)
 
 
-def build_stage(topology: Topology, name: str, found: Probe | None = None) -> Stage:
-    """The Stage of a stage or head node, seeded from (topology seed, node name)."""
+def build_stage(topology: Topology, name: str, found: Plan | None = None) -> Stage:
+    """The Stage of a stage or head node, seeded from (topology seed, node name). Only its own
+    module is built: the plan (resolved here when not given) gives every shape."""
     spec = topology.nodes[name]
     found = found or probe(topology)
     return make_stage(
@@ -169,10 +460,10 @@ def build_stage(topology: Topology, name: str, found: Probe | None = None) -> St
         optimizer=spec.optimizer, rule=node_rule(topology, name),
         synthetic_gradient=SyntheticGradientConfig(**spec.synthetic_gradient),
         num_classes=found.num_classes, seed=topology.seed, window=node_window(topology, name),
-        device=spec.device)
+        device=spec.device, output_shape=found.shapes[name])
 
 
-def largest_tensor(topology: Topology, name: str, found: Probe) -> int:
+def largest_tensor(topology: Topology, name: str, found: Plan) -> int:
     """The most bytes one tensor sent to this node can legitimately hold: a batch of the
     activations of its in-edges, of the gradients of its own output, or of labels. A receiver
     bounds what a peer can make it allocate by this, not by the protocol's 1 GiB."""
@@ -185,7 +476,7 @@ def largest_tensor(topology: Topology, name: str, found: Probe) -> int:
 
 
 def build_core(topology: Topology, name: str, clock: Clock,
-               found: Probe | None = None) -> SourceCore | StageCore:
+               found: Plan | None = None) -> SourceCore | StageCore:
     """The node core of one node of the topology, with its stage or its data."""
     found = found or probe(topology)
     wired = wiring(topology, name, found)

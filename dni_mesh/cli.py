@@ -1,5 +1,5 @@
-"""`dni-mesh`: run a mesh, check a topology file, run one node of a mesh spread over machines, or
-benchmark a mesh.
+"""`dni-mesh`: run a mesh, check a topology file, run one node of a mesh spread over machines,
+benchmark a mesh, or plot finished runs.
 
 Exit codes: 0 success, 1 a node or the run failed, 2 an invalid topology or command line,
 130 interrupted (SIGINT/SIGTERM).
@@ -12,6 +12,8 @@ import logging
 import sys
 from pathlib import Path
 
+from dni_mesh.plot import MissingExtra
+from dni_mesh.plot import add_arguments as _plot_arguments
 from dni_mesh.topology import TopologyError, describe, load_topology
 
 
@@ -19,6 +21,18 @@ def _topology_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("topology", help="topology YAML file")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="override a dotted key, e.g. data.epochs=1")
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+def _given(**options: object) -> dict:
+    """The options the command line set; the others keep the called function's defaults."""
+    return {key: value for key, value in options.items() if value is not None}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -30,11 +44,18 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--summary", type=Path, help="write the run summary as JSON here")
     run.add_argument("--run-dir", type=Path, help="folder for logs and metrics (default runs/NAME-TIME-PID)")
     run.add_argument("--no-live", action="store_true", help="no live table, even on a terminal")
-    run.add_argument("--stall-timeout", type=float, default=30.0, metavar="SECONDS",
+    run.add_argument("--tensorboard", action="store_true",
+                     help="also write TensorBoard event files into RUN_DIR/tensorboard "
+                          "(needs the tensorboard extra)")
+    run.add_argument("--stall-timeout", type=_seconds, metavar="SECONDS",
                      help="fail the run when no node has advanced for this long (default 30)")
     run.add_argument("--hosts", choices=["local", "netns"], default="local",
                      help="local: every node on this machine's network; netns: each host of the "
                           "topology in its own network namespace at its address (needs root)")
+
+    plot = sub.add_parser("plot", help="draw loss, test accuracy, synthesizer loss and samples/s "
+                          "per node of one or more runs, side by side, into a PNG")
+    _plot_arguments(plot)
 
     validate = sub.add_parser("validate", help="check a topology file and print the resolved mesh")
     _topology_args(validate)
@@ -59,21 +80,39 @@ def parser() -> argparse.ArgumentParser:
     node.add_argument("--control", help="launcher control address (set by `dni-mesh run`)")
     node.add_argument("--run-dir", type=Path, default=Path("runs/node"),
                       help="folder for this node's metrics (default runs/node)")
+    node.add_argument("--stall-timeout", type=_seconds, metavar="SECONDS",
+                      help="without --control: exit with an error after this long without "
+                           "progress, naming what the node waits for (default 60)")
     node.add_argument("--kernel-bandwidth", action="store_true",
                       help="the network shapes bandwidth between hosts (set by --hosts netns)")
+    node.add_argument("--plan", type=Path, help="the mesh's plan (set by `dni-mesh run`); "
+                      "without it the node dry-runs every module to find the shapes")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    if args.command == "plot":
+        from dni_mesh.plot import plot_main
+        return plot_main(args)
     try:
         topology = load_topology(args.topology, args.overrides)
     except TopologyError as error:
         print(f"dni-mesh: invalid topology: {error}", file=sys.stderr)
         return 2
     if args.command == "validate":
-        print(describe(topology))
+        from dni_mesh.build import nodes_here, resolve_plan
+        here = nodes_here(topology)
+        try:
+            plan = resolve_plan(topology, devices=here)
+        except TopologyError as error:
+            print(f"dni-mesh: invalid topology: {error}", file=sys.stderr)
+            return 2
+        print(describe(topology, {name: plan.describe(name) for name in topology.nodes}))
+        elsewhere = [name for name in topology.nodes if name not in here]
+        if elsewhere:
+            print(f"devices not checked (their hosts are other machines): {', '.join(elsewhere)}")
         return 0
     if args.command == "node":
         if args.name not in topology.nodes:
@@ -81,24 +120,35 @@ def main(argv: list[str] | None = None) -> int:
                   f"(nodes: {', '.join(topology.nodes)})", file=sys.stderr)
             return 2
         from dni_mesh.node import run_node
-        return run_node(topology, args.name, args.control, args.run_dir, args.kernel_bandwidth)
-    from dni_mesh.launch import Interrupted, NodeFailed, run
+        return run_node(topology, args.name, args.control, args.run_dir, args.kernel_bandwidth,
+                        **_given(stall_s=args.stall_timeout, plan_path=args.plan))
+    from dni_mesh.launch import Interrupted, NodeFailed, PortInUse, run
     from dni_mesh.netns import NetnsError, Network
     try:
         if args.command == "bench":
             from dni_mesh.bench import bench_main
             return bench_main(args)
         options = dict(run_dir=args.run_dir, summary_path=args.summary, live=not args.no_live,
-                       topology=topology, stall_s=args.stall_timeout)
+                       topology=topology, tensorboard=args.tensorboard,
+                       **_given(stall_s=args.stall_timeout))
         if args.hosts == "netns":
             with Network(topology) as network:
                 run(topology.path, args.overrides, wrap=network.wrap,
                     control_host=network.control_host, **options)
         else:
             run(topology.path, args.overrides, **options)
+    except TopologyError as error:
+        print(f"dni-mesh: invalid topology: {error}", file=sys.stderr)
+        return 2
     except NetnsError as error:
         print(f"dni-mesh: --hosts netns: {error}", file=sys.stderr)
         return 2
+    except PortInUse as error:
+        print(f"dni-mesh: {error}", file=sys.stderr)
+        return 2
+    except MissingExtra as error:
+        print(f"dni-mesh: {error}", file=sys.stderr)
+        return 1
     except NodeFailed as error:
         print(f"dni-mesh: run failed: {error}", file=sys.stderr)
         return 1

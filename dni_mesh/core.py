@@ -170,7 +170,7 @@ class Outputs:
         if not self.pending:
             return "nothing"
         seq = min(self.pending)
-        edges = ", ".join(sorted(self.pending[seq].waiting))
+        edges = ", ".join(f"{name} from {self.edges[name].dst}" for name in sorted(self.pending[seq].waiting))
         return f"the answer to seq {seq} on {edges}"
 
     def end(self) -> list[Action]:
@@ -316,6 +316,7 @@ class SourceCore(Core):
         self.data = data
         self.exhausted = False
         self.seq = 0
+        self.evaluating_since: float | None = None  # sending an evaluation pass since
 
     def advance(self) -> list[Action]:
         actions: list[Action] = []
@@ -329,11 +330,18 @@ class SourceCore(Core):
                 actions += self.outputs.send(self.seq, item.x, item.y, item.phase)
                 self.seq += 1
                 self.counters.progress += 1
+                now = self.clock()
                 if item.phase == "train":
+                    if self.evaluating_since is not None:  # evaluation time is not training time
+                        self.train_clock.paused += now - self.evaluating_since
+                        self.evaluating_since = None
                     self.counters.steps += 1
                     self.counters.samples += len(item.y)
-                    self.train_clock.tick(len(item.y), self.clock())
+                    self.train_clock.tick(len(item.y), now)
+                    actions.append(Record({"event": "step", "step": self.counters.steps,
+                                           "seq": self.seq - 1, "samples_per_s": self.rate()}))
                 else:
+                    self.evaluating_since = self.evaluating_since or now
                     self.counters.eval_batches += 1
         if self.exhausted and not self.outputs.pending and not self.finished:
             self.finished = True
@@ -387,6 +395,10 @@ class StageCore(Core):
         if not self.next_seq <= act.seq < self.next_seq + edge.window:
             return (f"seq {act.seq} on {edge.name} is outside the window "
                     f"[{self.next_seq}, {self.next_seq + edge.window})")
+        for name in self.ended:
+            if act.seq >= self.accepted[name]:
+                return (f"seq {act.seq} on {edge.name} can never be joined: {name} ended after "
+                        f"{self.accepted[name]} activations")
         others = self.arrived.get(act.seq, {})
         if edge.name in others:
             return f"seq {act.seq} on {edge.name} arrived twice"
@@ -424,6 +436,9 @@ class StageCore(Core):
             return edge
         if end.seq != self.accepted[edge.name]:
             return f"End of {edge.name} counts {end.seq} activations, {self.accepted[edge.name]} arrived"
+        beyond = [seq for seq in self.arrived if seq >= end.seq]
+        if beyond:
+            return f"End of {edge.name} after {end.seq} activations, but seq {max(beyond)} arrived on another edge"
         self.ended.add(edge.name)
         self.counters.progress += 1
         return None
@@ -513,7 +528,8 @@ class StageCore(Core):
         here = self.arrived.get(self.next_seq, {})
         missing = [name for name in self.inputs if name not in self.ended and name not in here]
         if missing:
-            return f"activation seq {self.next_seq} on {', '.join(missing)}"
+            edges = ", ".join(f"{name} from {self.inputs[name].src}" for name in missing)
+            return f"activation seq {self.next_seq} on {edges}"
         return self.outputs.waiting_for()
 
     def state_dict(self) -> dict:

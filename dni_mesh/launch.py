@@ -13,11 +13,15 @@ outlives the run.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -26,11 +30,14 @@ from pathlib import Path
 import zmq
 
 from dni_mesh import wire
+from dni_mesh.build import resolve_plan
 from dni_mesh.live import LiveView
 from dni_mesh.topology import Topology, load_topology
-from dni_mesh.transport import Inbox, TransportConfig
+from dni_mesh.transport import Inbox, TransportConfig, free_port_range
 
 STOP_GRACE_S = 3.0
+PLAN_FILE = "plan.json"
+"""The mesh's plan in the run folder (`dni_mesh.build.Plan`): every node starts from it."""
 STARTUP_S = 120.0
 """A node that is not Ready this long after its process started is taken as hung: the time to
 import torch, load the data and build the node, on a loaded machine."""
@@ -53,6 +60,33 @@ class NodeFailed(RuntimeError):
 
 class Interrupted(RuntimeError):
     """SIGINT or SIGTERM reached the launcher."""
+
+
+class PortInUse(RuntimeError):
+    """A node's port is taken on this machine; the message names the keys that move it."""
+
+
+def check_ports(topology: Topology) -> None:
+    """Refuse to start when a node's port is taken (another mesh on this machine, say), naming
+    the node, the keys that move it and a range that is free now. There is still a race with
+    whoever binds next; this turns the common case into a clear error before anything starts."""
+    for name, spec in topology.nodes.items():
+        host = topology.hosts[spec.host]
+        with socket.socket() as probe:
+            # As libzmq binds: connections of an earlier run lingering in TIME_WAIT do not count.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host.address, spec.port))
+            except OSError as error:
+                if error.errno != errno.EADDRINUSE:  # not an address of this machine: the node says
+                    continue
+                count = sum(1 for n in topology.nodes.values() if n.host == spec.host)
+                free = free_port_range(count, host.address)
+                raise PortInUse(
+                    f"node {name}: port {spec.port} on {host.address} is in use ({error.strerror}); "
+                    f"move the mesh with --set hosts.{spec.host}.base_port={free} (ports {free}-"
+                    f"{free + count - 1} are free now), or give the node its own nodes.{name}.port"
+                ) from None
 
 
 @dataclass
@@ -91,7 +125,7 @@ def no_wrap(node: str, command: list[str]) -> list[str]:
 def node_command(topology: Topology, name: str, overrides: Sequence[str], control: str,
                  run_dir: Path) -> list[str]:
     command = [sys.executable, "-m", "dni_mesh.cli", "node", str(topology.path), "--name", name,
-               "--control", control, "--run-dir", str(run_dir)]
+               "--control", control, "--run-dir", str(run_dir), "--plan", str(run_dir / PLAN_FILE)]
     for override in overrides:
         command += ["--set", override]
     return command
@@ -106,7 +140,12 @@ class Launcher:
 
     def __init__(self, topology: Topology, overrides: Sequence[str], run_dir: Path,
                  live: bool = True, wrap: Wrap = no_wrap, control_host: str = "127.0.0.1",
-                 silence_s: float = SILENCE_S, stall_s: float = STALL_S):
+                 silence_s: float = SILENCE_S, stall_s: float = STALL_S, quiet: bool = False,
+                 tensorboard: bool = False):
+        self.board = None  # first: MissingExtra (no tensorboard package) before any socket opens
+        if tensorboard:
+            from dni_mesh.tensorboard import TensorBoardLog
+            self.board = TensorBoardLog(run_dir / "tensorboard")
         self.topology = topology
         self.overrides = list(overrides)
         self.run_dir = run_dir
@@ -120,12 +159,21 @@ class Launcher:
         self.nodes: dict[str, NodeProcess] = {}
         self.silence_s = silence_s
         self.stall_s = stall_s
-        self.view = LiveView(topology, enabled=live)
+        self.view = LiveView(topology, enabled=live, quiet=quiet)
         run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = (run_dir / "metrics.jsonl").open("w")
 
     def start(self) -> None:
         env = {**NODE_ENVIRONMENT, **os.environ, "PYTHONUNBUFFERED": "1"}
+        if env.get("DNI_MESH_DATA"):  # resolved here, once: a node may run in another folder
+            env["DNI_MESH_DATA"] = str(Path(env["DNI_MESH_DATA"]).resolve())
+        # What `dni-mesh plot --rdm` (dni_mesh.rdm) needs to rebuild the stages after the run.
+        shutil.copyfile(self.topology.path, self.run_dir / "topology.yaml")
+        data_dir = self.topology.data.data_dir or env.get("DNI_MESH_DATA")
+        (self.run_dir / "run.json").write_text(json.dumps(
+            {"overrides": self.overrides, "topology": str(self.topology.path),
+             "root": str(self.topology.root), "data_dir": data_dir and str(data_dir)},
+            indent=2) + "\n")
         for name, spec in self.topology.nodes.items():
             env["OMP_NUM_THREADS"] = str(spec.threads)
             log_path = self.run_dir / f"{name}.log"
@@ -203,6 +251,8 @@ class Launcher:
         elif isinstance(message, wire.Metrics):
             values = dict(message.values, node=peer, step=message.step)
             self.metrics.write(json.dumps(values) + "\n")
+            if self.board is not None:
+                self.board.log(peer, values)
             node.latest.update(values)
             if values.get("event") == "eval":
                 node.evals.append(values)
@@ -228,6 +278,8 @@ class Launcher:
 
     def close(self) -> None:
         self.metrics.close()
+        if self.board is not None:
+            self.board.close()
         self.inbox.close()
         self.context.term()
 
@@ -257,8 +309,14 @@ class Launcher:
 def run(topology_path: str | Path, overrides: Sequence[str] = (), run_dir: Path | None = None,
         summary_path: Path | None = None, live: bool = True, wrap: Wrap = no_wrap,
         topology: Topology | None = None, control_host: str = "127.0.0.1",
-        silence_s: float = SILENCE_S, stall_s: float = STALL_S) -> dict:
+        silence_s: float = SILENCE_S, stall_s: float = STALL_S, quiet: bool = False,
+        tensorboard: bool = False) -> dict:
     """Run a whole mesh on this machine; returns (and optionally writes) the summary.
+
+    The Python API of `dni-mesh run`: `live` shows the live table on a terminal, `quiet` prints
+    nothing at all (no live table, epochs, evaluations or final table). `tensorboard` also
+    writes event files into RUN_DIR/tensorboard (the `tensorboard` extra). It may be called from
+    any thread; only in the main thread does it take over SIGINT and SIGTERM.
 
     `wrap` changes each node's command and `control_host` is the address the launcher's control
     inbox binds, which every node must reach (e.g. `dni_mesh.netns.Network` gives both).
@@ -266,19 +324,25 @@ def run(topology_path: str | Path, overrides: Sequence[str] = (), run_dir: Path 
     `silence_s` and `stall_s` bound how long a node may send nothing and how long the mesh may
     make no progress before the run fails.
 
-    Raises TopologyError before anything starts, NodeFailed when a node dies, Interrupted on
-    SIGINT/SIGTERM; in every case no node process is left behind.
+    Raises TopologyError before anything starts, PortInUse when a node's port is taken (checked
+    before anything starts, for nodes on this machine's network), NodeFailed when a node dies,
+    Interrupted on SIGINT/SIGTERM; in every case no node process is left behind.
     """
     topology = topology or load_topology(topology_path, overrides)
+    plan = resolve_plan(topology)  # a mesh that cannot run is refused here (TopologyError)
+    if wrap is no_wrap:
+        check_ports(topology)
     run_dir = run_dir or default_run_dir(topology)
     launcher = Launcher(topology, overrides, run_dir, live=live, wrap=wrap, control_host=control_host,
-                        silence_s=silence_s, stall_s=stall_s)
+                        silence_s=silence_s, stall_s=stall_s, quiet=quiet, tensorboard=tensorboard)
+    plan.save(run_dir / PLAN_FILE, topology)
     started = time.monotonic()
 
     def interrupt(signum: int, frame: object) -> None:
         raise Interrupted(f"{signal.Signals(signum).name} received")
 
-    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    main = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
     try:
         launcher.start()
         launcher.supervise()

@@ -12,6 +12,10 @@ liveness:
   which seq), so the launcher can tell a stuck mesh from a slow one;
 - Stop is taken only from the launcher, over the connection this node opened to it: a Stop
   that arrives in the inbox, where anyone can send, is counted and dropped.
+
+A node started by hand (no launcher) supervises itself: it prints a start line, its progress,
+each evaluation and a final line to the terminal, says what it waits for while idle, and exits
+with an error once it has made no progress for `stall_s` (a neighbour died or never came).
 """
 
 from __future__ import annotations
@@ -30,8 +34,8 @@ import torch
 import zmq
 
 from dni_mesh import wire
-from dni_mesh.build import build_core, largest_tensor, probe
-from dni_mesh.core import Acknowledge, Action, Core, EndEdge, Record, Reject, Send
+from dni_mesh.build import build_core, largest_tensor, node_plan
+from dni_mesh.core import Acknowledge, Action, Core, EndEdge, Record, Reject, Send, StageCore
 from dni_mesh.link import Link, link_to
 from dni_mesh.topology import Topology
 from dni_mesh.transport import BLOCK, Envelope, Inbox, Peer, TransportConfig
@@ -41,14 +45,48 @@ log = logging.getLogger(__name__)
 CONTROL_EDGE = "control"
 HEARTBEAT_S = 0.5
 """Longest time between two heartbeats, and the longest wait in the inbox."""
+PRINT_S = 5.0
+"""A node started by hand prints its progress, or what it waits for, this often at most."""
+STALL_S = 60.0
+"""A node started by hand gives up after this long without progress (`--stall-timeout`)."""
 END_TIMEOUT_MS = 30_000
 """How long a node waits for the EndAck of each of its out-edges."""
+PATIENCE_MS = 30_000
+"""A node's ZMTP handshake and heartbeat timeouts (see transport_config)."""
 MIN_TENSOR_BYTES = 64 * 1024
 """The receive bound of a node whose messages are all tiny; the headers' own limit."""
 
 
 class Stopped(Exception):
     """The launcher asked this node to stop, or is gone."""
+
+
+class Stalled(RuntimeError):
+    """A node without a launcher made no progress for its stall timeout."""
+
+
+class Console:
+    """What a node started by hand prints: its start, progress at most every PRINT_S, each
+    evaluation and epoch, what it waits for while idle, and its end."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.last_print = 0.0  # of a step or waiting line
+
+    def say(self, text: str) -> None:
+        print(f"node {self.name}: {text}", flush=True)
+
+    def record(self, values: dict, now: float) -> None:
+        event = values.get("event")
+        if event not in ("step", "eval", "epoch", "final"):
+            return
+        if event == "step":
+            if now - self.last_print < PRINT_S:
+                return
+            self.last_print = now
+        shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in values.items()
+                 if k not in ("node", "event", "time")}
+        self.say(f"{event} " + " ".join(f"{k}={v}" for k, v in shown.items()))
 
 
 def transport_config(topology: Topology, largest_tensor: int) -> TransportConfig:
@@ -64,6 +102,11 @@ def transport_config(topology: Topology, largest_tensor: int) -> TransportConfig
     room = max(node.window for node in topology.nodes.values()) + 4
     config.sndhwm = max(config.sndhwm, room)
     config.rcvhwm = max(config.rcvhwm, room)
+    # Without handover, a peer that redials while its old connection lingers is ignored: so
+    # no redial for a slow handshake or a late heartbeat on a loaded machine. A dead peer is
+    # found by progress (the launcher, or the node's own stall timeout) instead.
+    config.handshake_ivl_ms = max(config.handshake_ivl_ms, PATIENCE_MS)
+    config.heartbeat_timeout_ms = max(config.heartbeat_timeout_ms, PATIENCE_MS)
     bound = max(largest_tensor, MIN_TENSOR_BYTES)
     config.max_msg_bytes = min(config.max_msg_bytes, bound)
     config.limits = replace(config.limits, max_tensor_bytes=min(config.limits.max_tensor_bytes, bound),
@@ -75,15 +118,17 @@ class Runtime:
     """Sockets, metrics and liveness of one node; it knows nothing of learning.
 
     A link holds sent tensors zero-copy until their time comes: nothing here or in the core
-    modifies a tensor in place after sending it. kernel_bandwidth: the network (`--hosts
-    netns`) shapes the bandwidth between hosts, so links here only delay.
+    modifies a tensor in place after sending it.
     """
 
-    def __init__(self, topology: Topology, name: str, control: str | None, run_dir: Path):
+    def __init__(self, topology: Topology, name: str, control: str | None, run_dir: Path,
+                 stall_s: float = STALL_S):
         """Open the control connection and say Hello at once, so the launcher hears from the
         node while it builds its core; `connect` opens the mesh's sockets after that."""
         self.topology = topology
         self.name = name
+        self.console = None if control else Console(name)
+        self.stall_s = stall_s
         self.context = zmq.Context()
         self.control = (Peer(control, name, transport_config(topology, 0), self.context)
                         if control else None)
@@ -96,12 +141,16 @@ class Runtime:
         self.last_report = 0.0
         self.next_beat = 0.0
         self.last_progress = -1
+        self.advanced = time.monotonic()  # when progress last moved
+        self.steps = 0  # the core's training steps, for Metrics.step
         self.control_seq = 0
         self.rejected_by_peer: Counter[str] = Counter()
         self.say(wire.Hello(name, os.getpid(), socket.gethostname(), topology.nodes[name].address))
 
     def connect(self, largest_tensor: int, kernel_bandwidth: bool = False) -> None:
-        """Bind the inbox and connect a peer, through the edge's link, to every neighbour."""
+        """Bind the inbox and connect a peer, through the edge's link, to every neighbour.
+        kernel_bandwidth: the network (`--hosts netns`) shapes the bandwidth between hosts, so
+        links here only delay."""
         topology, name = self.topology, self.name
         config = transport_config(topology, largest_tensor)
         self.inbox = Inbox(topology.nodes[name].address, name, config, self.context)
@@ -110,6 +159,10 @@ class Runtime:
                                  Peer(topology.nodes[n].address, name, config, self.context),
                                  kernel_bandwidth)
                       for n in sorted(neighbours)}
+        if self.console is not None:
+            self.console.say(f"ready, inbox {self.inbox.address}; in-edges "
+                             f"{', '.join(e.name for e in topology.inputs(name)) or 'none'}; out-edges "
+                             f"{', '.join(e.name for e in topology.outputs(name)) or 'none'}")
 
     def say(self, message: wire.Message) -> None:
         """Send to the launcher, if there is one."""
@@ -122,6 +175,8 @@ class Runtime:
         values = {"node": self.name, "time": round(time.monotonic() - self.started, 4), **values}
         self.metrics.write(json.dumps(values) + "\n")
         now = time.monotonic()
+        if self.console is not None:
+            self.console.record(values, now)
         if force or now - self.last_report >= 0.5:
             self.last_report = now
             self.metrics.flush()
@@ -130,34 +185,50 @@ class Runtime:
     def report(self, values: dict) -> None:
         live = {k: v for k, v in values.items()
                 if isinstance(v, (int, float, str)) and not isinstance(v, bool) and k != "node"}
-        self.say(wire.Metrics(self.name, int(values.get("step", 0)), live))
+        self.say(wire.Metrics(self.name, self.steps, live))
 
     def recv(self) -> Envelope | None:
         return self.inbox.recv(int(HEARTBEAT_S * 1000))
 
     def beat(self, core: Core) -> None:
-        """Every HEARTBEAT_S: heartbeat, a `waiting` record when idle, and a look at the control
-        connection for Stop (raised as Stopped, as is the launcher's death)."""
+        """Every HEARTBEAT_S: with a launcher, heartbeat, a `waiting` record when idle, and a
+        look at the control connection for Stop (raised as Stopped, as is the launcher's death);
+        without one, say what the node waits for and give up (Stalled) after stall_s."""
         now = time.monotonic()
-        if now < self.next_beat or self.control is None:
+        if now < self.next_beat:
             return
         self.next_beat = now + HEARTBEAT_S
+        progress, self.steps = core.counters.progress, core.counters.steps
+        idle = progress == self.last_progress
+        self.last_progress = progress
+        if not idle:
+            self.advanced = now
+        if self.control is None:
+            self.supervise_alone(core, now)
+            return
         if os.getppid() != self.parent:
             raise Stopped("launcher is gone")
         while (message := self.control.recv(0)) is not None:
             if isinstance(message, wire.Stop):
                 raise Stopped(message.reason)
-        progress = core.counters.progress
         self.say(wire.Heartbeat(self.name, progress, time.time()))
-        if progress == self.last_progress:
+        if idle:
             self.report({"event": "waiting", "progress": progress, "waiting_for": core.waiting_for()})
-        self.last_progress = progress
+
+    def supervise_alone(self, core: Core, now: float) -> None:
+        waited = now - self.advanced
+        if waited > self.stall_s:
+            raise Stalled(f"no progress for {self.stall_s:.0f} s: waits for {core.waiting_for()}")
+        if waited >= PRINT_S and now - self.console.last_print >= PRINT_S:
+            self.console.last_print = now
+            self.console.say(f"waiting {waited:.0f} s for {core.waiting_for()}")
 
     def execute(self, actions: list[Action]) -> None:
         for action in actions:
             if isinstance(action, Send):
                 self.peers[action.node].send(action.message)
             elif isinstance(action, Record):
+                self.steps = action.values.get("step", self.steps)
                 self.record(action.values, action.force)
             elif isinstance(action, Acknowledge):
                 self.inbox.send(action.node, wire.EndAck(action.end.edge, action.end.seq))
@@ -169,7 +240,7 @@ class Runtime:
                 self.rejected_by_peer[action.peer] += 1
                 count = self.rejected_by_peer[action.peer]
                 if count <= 10 or count % 1000 == 0:  # a flooding peer must not flood the log
-                    log.warning("node %s: rejected %s #%d from peer %r: %s", self.name,
+                    log.warning("node %s: dropped %s #%d from peer %r: %s", self.name,
                                 action.kind, count, action.peer, action.reason)
             else:
                 raise TypeError(f"node {self.name}: unknown action {action!r}")
@@ -198,13 +269,17 @@ class Runtime:
 
 
 def run_node(topology: Topology, name: str, control: str | None, run_dir: Path,
-             kernel_bandwidth: bool = False) -> int:
-    """Run one node to the end of its data; returns the process exit code."""
+             kernel_bandwidth: bool = False, stall_s: float = STALL_S,
+             plan_path: Path | None = None) -> int:
+    """Run one node to the end of its data; returns the process exit code. stall_s applies to a
+    node without a launcher (control None); with one, the launcher watches progress. plan_path:
+    the mesh's plan (`dni-mesh run` writes one), so that the node builds only its own module;
+    without it the node resolves the plan itself."""
     torch.set_num_threads(topology.nodes[name].threads)
-    runtime = Runtime(topology, name, control, run_dir)
+    runtime = Runtime(topology, name, control, run_dir, stall_s)
     status, code, core = "done", 0, None
     try:
-        found = probe(topology)
+        found = node_plan(topology, name, plan_path)
         core = build_core(topology, name, time.monotonic, found)
         runtime.connect(largest_tensor(topology, name, found), kernel_bandwidth)
         runtime.say(wire.Ready(name))
@@ -214,8 +289,12 @@ def run_node(topology: Topology, name: str, control: str | None, run_dir: Path,
             if envelope is not None:
                 runtime.execute(core.receive(envelope.peer, envelope.message))
             runtime.beat(core)
+        if isinstance(core, StageCore):  # the final weights, for `dni-mesh plot --rdm` (dni_mesh.rdm)
+            torch.save(core.stage.state_dict(), run_dir / f"{name}.pt")
     except Stopped as stop:
         status, code = f"stopped: {stop}", 130
+    except Stalled as stall:
+        status, code = f"stalled: {stall}", 1
     except Exception as error:
         status = f"error: {type(error).__name__}: {error}"
         runtime.say(wire.Error(name, status))

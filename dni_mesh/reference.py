@@ -148,8 +148,8 @@ def chain_names(topology: Topology) -> list[str]:
 
 @dataclass
 class Evaluation:
-    loss: float        # mean cross-entropy per labelled sample
-    accuracy: float
+    loss: float | None       # mean loss per labelled sample; None when no sample had labels
+    accuracy: float | None   # over the labelled samples; None when none had labels
     samples: int
 
 
@@ -223,6 +223,5 @@ class ChainTrainer:
             self.feed(x, y, "eval")
         result = self.head.eval.result()
         self.head.close_eval()
-        return Evaluation(result.get("test_loss", 0.0), result.get("test_accuracy", 0.0),
-                          result["test_samples"])
+        return Evaluation(result.get("test_loss"), result.get("test_accuracy"), result["test_samples"])
 

@@ -210,7 +210,7 @@ class Stage:
         self.module.train()
         h = torch.func.functional_call(self.module, state, tuple(leaves))
         wanted = [x for x in leaves if x.requires_grad]
-        grads = iter(torch.autograd.grad(h, wanted, grad))
+        grads = iter(torch.autograd.grad(h, wanted, grad, allow_unused=True, materialize_grads=True))
         return [next(grads) if x.requires_grad else None for x in leaves]
 
     def fit_synthesizer(self, h: Tensor, labels: Tensor | None, grad: Tensor) -> float:
@@ -222,7 +222,7 @@ class Stage:
     def state_dict(self) -> dict:
         """Everything learned and counted: module, optimizer, synthesizer and its optimizer,
         statistics. Steps in flight (the pending table) are not state: a restored stage starts
-        with none, and its node core expires what it had sent. Plain tensors and numbers only,
+        with none. Plain tensors and numbers only,
         so `torch.load(weights_only=True)` reads it back."""
         state = {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "stats": asdict(self.stats), "last_seq": self.last_seq}
@@ -248,4 +248,7 @@ class Stage:
 
 
 def grads_of(leaves: list[Tensor]) -> list[Tensor | None]:
-    return [x.grad if x.requires_grad else None for x in leaves]
+    """The gradient of each leaf that asked for one; zeros for an input the module ignores (its
+    producer is still owed a gradient), None for a leaf that asked for none."""
+    return [(x.grad if x.grad is not None else torch.zeros_like(x)) if x.requires_grad else None
+            for x in leaves]

@@ -15,7 +15,7 @@ import re
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +104,14 @@ class Topology:
     transport: dict[str, Any]  # keyword arguments for TransportConfig
     path: Path  # the file, absolute
     root: Path  # its folder: import paths resolve against it
+    raw: RawTopology | None = field(default=None, repr=False, compare=False)  # for `error`
+
+    def error(self, key: tuple[str | int, ...], message: str) -> TopologyError:
+        """A TopologyError at a key of the file (file, line, key: message), for problems found
+        after loading, e.g. by the dry run of `dni_mesh.build.resolve_plan`."""
+        if self.raw is not None:
+            return self.raw.error(key, message)
+        return TopologyError(message, file=str(self.path), key=".".join(map(str, key)) or None)
 
     def inputs(self, node: str) -> list[EdgeSpec]:
         """In-edges in file order: a fan-in module is called as module(*inputs) in this order."""
@@ -159,7 +167,7 @@ def load_topology(path: str | Path, overrides: Sequence[str] = (), *,
         name=top.name or file_path.stem, mode=top.mode, seed=top.seed,
         data=_data_spec(top.data, file_path.parent), nodes=nodes, edges=edges, hosts=hosts,
         links=_links(raw, top.links, edges), transport=_transport(raw, top.transport),
-        path=file_path, root=file_path.parent)
+        path=file_path, root=file_path.parent, raw=raw)
     if check_imports:
         _check_imports(raw, topology)
     return topology
@@ -452,8 +460,9 @@ def resolve_import(spec: str, root: Path) -> object:
     return target
 
 
-def describe(topology: Topology) -> str:
-    """The resolved mesh as text, for `dni-mesh validate`: what will run where."""
+def describe(topology: Topology, outputs: dict[str, str] | None = None) -> str:
+    """The resolved mesh as text, for `dni-mesh validate`: what will run where. `outputs`, when
+    given, is what each node sends (e.g. "float32[256]"), shown as a last column."""
     t, d = topology, topology.data
     lines = [f"topology {t.name!r} from {t.path}: mode {t.mode}, seed {t.seed}",
              f"data: {d.source}({_kwargs(d.args)}), batch_size {d.batch_size}, epochs {d.epochs}, "
@@ -461,6 +470,7 @@ def describe(topology: Topology) -> str:
              "nodes (in topological order):"]
     rows = [[name, n.role, f"{n.module}({_kwargs(n.args)})" if n.module else "-",
              f"{n.host} {n.address}", n.device, f"mode {n.mode}" if n.mode else "loss"]
+            + ([f"-> {outputs[name]}" if name in outputs else ""] if outputs else [])
             for name in t.topological_order() for n in [t.nodes[name]]]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]

@@ -74,7 +74,7 @@ def test_a_dni_stage_steps_answers_and_ends():
     credit, = sends(actions, wire.Gradient)
     assert (out.node, out.message.edge, out.message.seq, tuple(out.message.h.shape)) == ("head", "l1->head", 0, (8, 6))
     assert (credit.node, credit.message.dh) == ("source", None)  # the source takes a bare credit
-    assert c.outputs.full() and c.waiting_for() == "the answer to seq 0 on l1->head"
+    assert c.outputs.full() and c.waiting_for() == "the answer to seq 0 on l1->head from head"
     # the next batch waits in the join until the head answers
     assert sends(c.receive("source", act(1)), wire.Activation) == []
     fitted = c.receive("head", wire.Gradient("l1->head", 0, torch.ones(8, 6)))
@@ -159,12 +159,46 @@ def test_duplicates_late_activations_and_a_second_end_are_rejected():
 
 def test_fan_in_joins_every_edge_of_a_seq_and_refuses_a_mixed_join():
     c = core(fan_in=True)
-    assert c.receive("source", act(0)) == [] and c.waiting_for() == "activation seq 0 on b->l1"
+    assert c.receive("source", act(0)) == [] and c.waiting_for() == "activation seq 0 on b->l1 from b"
     mixed = c.receive("b", act(0, edge="b->l1", d=2, phase="eval"))
     assert "is a eval batch of 8" in rejects(mixed)[0].reason
     stepped = c.receive("b", act(0, edge="b->l1", d=2))
     answers = {a.node: a.message for a in sends(stepped, wire.Gradient)}
     assert answers["source"].dh is None and answers["b"].dh.shape == (8, 2)
+
+
+def test_ends_that_disagree_across_in_edges_are_rejected():
+    c = core(fan_in=True, src_window=4)
+    c.receive("source", act(0))
+    assert "seq 0 arrived on another edge" in rejects(c.receive("b", wire.End("b->l1", 0)))[0].reason
+    c.receive("b", act(0, edge="b->l1", d=2))
+    c.receive("head", wire.Gradient("l1->head", 0, torch.ones(8, 6)))
+    assert isinstance(c.receive("b", wire.End("b->l1", 1))[0], Acknowledge)
+    assert "can never be joined: b->l1 ended after 1" in rejects(c.receive("source", act(1)))[0].reason
+
+
+class Ignores(torch.nn.Module):
+    """A fan-in module that does not use its second input."""
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 6)
+
+    def forward(self, x, unused):
+        return self.linear(x)
+
+
+@pytest.mark.parametrize("mode, target", [("dni", "bootstrap"), ("dni", "backprop"), ("backprop", "bootstrap")])
+def test_an_input_the_module_ignores_is_answered_with_a_zero_gradient(mode, target):
+    inputs = (InEdge("source->l1", "source", 1, False, (4,), torch.float32),
+              InEdge("b->l1", "b", 1, True, (2,), torch.float32))
+    stage = make_stage("l1", Ignores, input_shapes=[(4,), (2,)], optimizer={"name": "adam", "lr": 0.01},
+                       rule=update_rule(mode, target=target), synthetic_gradient=SG, num_classes=3)
+    c = StageCore(Wiring("l1", inputs, (OutEdge("l1->head", "head"),), 1, True, 8, 3), stage, Clock())
+    c.receive("source", act(0))
+    actions = c.receive("b", act(0, edge="b->l1", d=2))
+    actions += c.receive("head", wire.Gradient("l1->head", 0, torch.ones(8, 6)))
+    answer, = [a.message for a in sends(actions, wire.Gradient) if a.node == "b"]
+    assert torch.equal(answer.dh, torch.zeros(8, 2))
 
 
 def test_the_eval_pass_reports_labelled_accuracy_and_every_sample():
@@ -186,7 +220,7 @@ def test_a_source_keeps_its_window_and_ends_when_all_is_answered():
     data = [Batch(torch.zeros(8, 4), torch.zeros(8, dtype=torch.long), "train") for _ in range(3)]
     c = SourceCore(wiring, iter([*data, EpochEnd(1)]), Clock())
     first = c.advance()
-    assert [a.message.seq for a in sends(first)] == [0, 1] and c.waiting_for() == "the answer to seq 0 on source->l1"
+    assert [a.message.seq for a in sends(first)] == [0, 1] and c.waiting_for() == "the answer to seq 0 on source->l1 from l1"
     assert "takes a bare credit" in rejects(c.receive("l1", wire.Gradient("source->l1", 0, torch.ones(8, 4))))[0].reason
     assert [a.message.seq for a in sends(c.receive("l1", wire.Gradient("source->l1", 0)))] == [2]
     epoch = c.receive("l1", wire.Gradient("source->l1", 1))  # the data ran out after seq 2

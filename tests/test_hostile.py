@@ -46,7 +46,7 @@ from dni_mesh import wire
 from dni_mesh.topology import Topology, load_topology
 from dni_mesh.transport import free_port_range
 
-DATA = Path(os.environ.get("DNI_MESH_DATA", Path(__file__).parents[2] / "shared" / "data"))
+DATA = Path(os.environ.get("DNI_MESH_DATA", Path(__file__).parents[2] / "shared" / "data")).resolve()
 pytestmark = pytest.mark.skipif(not (DATA / "mnist").is_dir(),
                                 reason=f"MNIST not found under {DATA} (set DNI_MESH_DATA)")
 
