@@ -84,8 +84,9 @@ def check_ports(topology: Topology) -> None:
                 free = free_port_range(count, host.address)
                 raise PortInUse(
                     f"node {name}: port {spec.port} on {host.address} is in use ({error.strerror}); "
-                    f"move the mesh with --set hosts.{spec.host}.base_port={free} (ports {free}-"
-                    f"{free + count - 1} are free now), or give the node its own nodes.{name}.port"
+                    f"move the mesh with --set 'hosts.{spec.host}={{address: {host.address}, "
+                    f"base_port: {free}}}' (ports {free}-{free + count - 1} are free now), or give "
+                    f"the node its own nodes.{name}.port"
                 ) from None
 
 

@@ -25,6 +25,7 @@ import logging
 import os
 import resource
 import socket
+import sys
 import time
 from collections import Counter
 from dataclasses import replace
@@ -38,7 +39,7 @@ from dni_mesh.build import build_core, largest_tensor, node_plan
 from dni_mesh.core import Acknowledge, Action, Core, EndEdge, Record, Reject, Send, StageCore
 from dni_mesh.link import Link, link_to
 from dni_mesh.topology import Topology
-from dni_mesh.transport import BLOCK, Envelope, Inbox, Peer, TransportConfig
+from dni_mesh.transport import BLOCK, Envelope, Inbox, Peer, TransportConfig, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,10 @@ class Stopped(Exception):
 
 class Stalled(RuntimeError):
     """A node without a launcher made no progress for its stall timeout."""
+
+
+class Unbindable(RuntimeError):
+    """The node's inbox cannot listen where the topology puts it; the text names the keys."""
 
 
 class Console:
@@ -153,7 +158,13 @@ class Runtime:
         links here only delay."""
         topology, name = self.topology, self.name
         config = transport_config(topology, largest_tensor)
-        self.inbox = Inbox(topology.nodes[name].address, name, config, self.context)
+        spec = topology.nodes[name]
+        try:
+            self.inbox = Inbox(spec.address, name, config, self.context)
+        except TransportError as error:
+            raise Unbindable(f"node {name}: {error}; move it with --set nodes.{name}.port=N or "
+                             f"hosts.{spec.host}.base_port, and check that {spec.address} is an "
+                             "address of this machine") from None
         neighbours = {e.dst for e in topology.outputs(name)} | {e.src for e in topology.inputs(name)}
         self.peers = {n: link_to(topology, name, n,
                                  Peer(topology.nodes[n].address, name, config, self.context),
@@ -295,6 +306,10 @@ def run_node(topology: Topology, name: str, control: str | None, run_dir: Path,
         status, code = f"stopped: {stop}", 130
     except Stalled as stall:
         status, code = f"stalled: {stall}", 1
+    except Unbindable as error:
+        status, code = f"error: {error}", 2
+        print(error, file=sys.stderr, flush=True)
+        runtime.say(wire.Error(name, status))
     except Exception as error:
         status = f"error: {type(error).__name__}: {error}"
         runtime.say(wire.Error(name, status))

@@ -293,5 +293,21 @@ def test_a_busy_port_exits_2_naming_the_node_and_the_key_to_change(tmp_path):
                                 capture_output=True, text=True, timeout=60)
     assert result.returncode == 2, result.stderr
     assert f"node l1: port {base + 1} on 127.0.0.1 is in use" in result.stderr
-    assert "--set hosts.local.base_port=" in result.stderr and "nodes.l1.port" in result.stderr
+    assert "--set 'hosts.local={address: 127.0.0.1, base_port: " in result.stderr
+    assert "nodes.l1.port" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_hand_started_node_on_a_busy_port_exits_2_naming_the_keys(tmp_path):
+    topology = chain("dni")
+    base = topology["hosts"]["local"]["base_port"]
+    path = write(tmp_path, topology)
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", base))  # the source's port
+        squatter.listen()
+        result = subprocess.run([sys.executable, "-m", "dni_mesh.cli", "node", str(path), "--name",
+                                 "source", "--run-dir", str(tmp_path / "run")],
+                                capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"node source: inbox 'source' cannot bind tcp://127.0.0.1:{base}" in result.stderr
+    assert "--set nodes.source.port=N" in result.stderr and "Traceback" not in result.stderr
