@@ -165,7 +165,6 @@ class Plan:
             "num_classes": self.num_classes, "outputs": outputs}, indent=1) + "\n")
 
 
-Probe = Plan  # the former name
 
 
 def wire_name(dtype: torch.dtype) -> str:
@@ -275,7 +274,8 @@ def resolve_plan(topology: Topology, devices: Iterable[str] | None = None) -> Pl
 
 
 def probe(topology: Topology) -> Plan:
-    """The plan without device checks (the former name, for one-process drivers)."""
+    """The plan without device checks: for drivers that run every module in this process
+    (the reference, GPipe, RDMs), which place them themselves."""
     return resolve_plan(topology, devices=())
 
 

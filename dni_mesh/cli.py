@@ -137,21 +137,12 @@ def main(argv: list[str] | None = None) -> int:
                     control_host=network.control_host, **options)
         else:
             run(topology.path, args.overrides, **options)
-    except TopologyError as error:
-        print(f"dni-mesh: invalid topology: {error}", file=sys.stderr)
-        return 2
-    except NetnsError as error:
-        print(f"dni-mesh: --hosts netns: {error}", file=sys.stderr)
-        return 2
-    except PortInUse as error:
-        print(f"dni-mesh: {error}", file=sys.stderr)
-        return 2
-    except MissingExtra as error:
-        print(f"dni-mesh: {error}", file=sys.stderr)
-        return 1
-    except NodeFailed as error:
-        print(f"dni-mesh: run failed: {error}", file=sys.stderr)
-        return 1
+    except (TopologyError, NetnsError, PortInUse, MissingExtra, NodeFailed) as error:
+        failures = ((TopologyError, "invalid topology: ", 2), (NetnsError, "--hosts netns: ", 2),
+                    (PortInUse, "", 2), (MissingExtra, "", 1), (NodeFailed, "run failed: ", 1))
+        prefix, code = next((p, c) for kind, p, c in failures if isinstance(error, kind))
+        print(f"dni-mesh: {prefix}{error}", file=sys.stderr)
+        return code
     except (Interrupted, KeyboardInterrupt) as error:
         print(f"dni-mesh: interrupted ({error or 'signal'}); every node was stopped",
               file=sys.stderr)
