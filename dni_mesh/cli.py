@@ -52,6 +52,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--hosts", choices=["local", "netns"], default="local",
                      help="local: every node on this machine's network; netns: each host of the "
                           "topology in its own network namespace at its address (needs root)")
+    run.add_argument("--start", choices=["fork", "exec"], default="fork",
+                     help="fork: nodes fork from one process that imported torch once (fast "
+                          "start-up); exec: a fresh interpreter per node (always so with netns)")
 
     plot = sub.add_parser("plot", help="draw loss, test accuracy, synthesizer loss and samples/s "
                           "per node of one or more runs, side by side, into a PNG")
@@ -122,7 +125,11 @@ def main(argv: list[str] | None = None) -> int:
         from dni_mesh.node import run_node
         return run_node(topology, args.name, args.control, args.run_dir, args.kernel_bandwidth,
                         **_given(stall_s=args.stall_timeout, plan_path=args.plan))
-    from dni_mesh.launch import Interrupted, NodeFailed, PortInUse, run
+    forkserver = None
+    if args.command == "run" and args.start == "fork" and args.hosts == "local":
+        from dni_mesh.forkserver import ForkServer, node_environment
+        forkserver = ForkServer(node_environment())  # before our imports of torch: they overlap
+    from dni_mesh.launch import Interrupted, NodeFailed, NodeStart, PortInUse, run
     from dni_mesh.netns import NetnsError, Network
     try:
         if args.command == "bench":
@@ -130,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             return bench_main(args)
         options = dict(run_dir=args.run_dir, summary_path=args.summary, live=not args.no_live,
                        topology=topology, tensorboard=args.tensorboard,
+                       start=NodeStart(args.start), forkserver=forkserver,
                        **_given(stall_s=args.stall_timeout))
         if args.hosts == "netns":
             with Network(topology) as network:
@@ -147,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dni-mesh: interrupted ({error or 'signal'}); every node was stopped",
               file=sys.stderr)
         return 130
+    finally:
+        if forkserver is not None:
+            forkserver.close()
     return 0
 
 

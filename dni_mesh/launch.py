@@ -13,6 +13,7 @@ outlives the run.
 
 from __future__ import annotations
 
+import enum
 import errno
 import json
 import os
@@ -30,7 +31,7 @@ from pathlib import Path
 import zmq
 
 from dni_mesh import wire
-from dni_mesh.build import resolve_plan
+from dni_mesh.forkserver import ForkedProcess, ForkServer, ForkServerFailed, node_environment
 from dni_mesh.live import LiveView
 from dni_mesh.topology import Topology, load_topology
 from dni_mesh.transport import Inbox, TransportConfig, free_port_range
@@ -46,12 +47,12 @@ SILENCE_S = 120.0
 the margin covers a slow single step."""
 STALL_S = 30.0
 """Once every node is ready, a mesh in which no node's progress moved for this long is stuck."""
-NODE_ENVIRONMENT = {
-    # glibc keeps freed ~1 MB message buffers instead of returning their pages to the OS, so a
-    # receiver does not page-fault on every message (benchmarks/transport.py: +20-25% at 1 MB).
-    "MALLOC_MMAP_THRESHOLD_": "33554432",
-    "MALLOC_TRIM_THRESHOLD_": "268435456",
-}
+
+
+class NodeStart(enum.Enum):
+    """How the launcher starts a node's process."""
+    FORK = "fork"  # forked from a server that imported torch once (dni_mesh.forkserver): fast
+    EXEC = "exec"  # a fresh interpreter per node; what a wrapped command (--hosts netns) needs
 
 
 class NodeFailed(RuntimeError):
@@ -94,7 +95,7 @@ def check_ports(topology: Topology) -> None:
 class NodeProcess:
     """One node's process and what the launcher has heard from it."""
     name: str
-    process: subprocess.Popen
+    process: subprocess.Popen | ForkedProcess
     log_path: Path
     hello: wire.Hello | None = None
     ready: bool = False
@@ -106,6 +107,7 @@ class NodeProcess:
     progress: int = 0
     advanced: float = field(default_factory=time.monotonic)  # when progress last moved
     waiting_for: str = "(not reported)"
+    first_step_s: float | None = None  # its first training step, in seconds since the run began
 
     def done(self) -> bool:
         return bool(self.final) or self.process.poll() == 0
@@ -123,13 +125,14 @@ def no_wrap(node: str, command: list[str]) -> list[str]:
     return command
 
 
-def node_command(topology: Topology, name: str, overrides: Sequence[str], control: str,
-                 run_dir: Path) -> list[str]:
-    command = [sys.executable, "-m", "dni_mesh.cli", "node", str(topology.path), "--name", name,
-               "--control", control, "--run-dir", str(run_dir), "--plan", str(run_dir / PLAN_FILE)]
+def node_arguments(topology: Topology, name: str, overrides: Sequence[str], control: str,
+                   run_dir: Path) -> list[str]:
+    """The `dni-mesh` command line of a node: the same whether it is forked or executed."""
+    arguments = ["node", str(topology.path), "--name", name, "--control", control,
+                 "--run-dir", str(run_dir), "--plan", str(run_dir / PLAN_FILE)]
     for override in overrides:
-        command += ["--set", override]
-    return command
+        arguments += ["--set", override]
+    return arguments
 
 
 def default_run_dir(topology: Topology) -> Path:
@@ -142,7 +145,8 @@ class Launcher:
     def __init__(self, topology: Topology, overrides: Sequence[str], run_dir: Path,
                  live: bool = True, wrap: Wrap = no_wrap, control_host: str = "127.0.0.1",
                  silence_s: float = SILENCE_S, stall_s: float = STALL_S, quiet: bool = False,
-                 tensorboard: bool = False):
+                 tensorboard: bool = False, forkserver: ForkServer | None = None,
+                 started: float | None = None):
         self.board = None  # first: MissingExtra (no tensorboard package) before any socket opens
         if tensorboard:
             from dni_mesh.tensorboard import TensorBoardLog
@@ -151,6 +155,8 @@ class Launcher:
         self.overrides = list(overrides)
         self.run_dir = run_dir
         self.wrap = wrap
+        self.forkserver = forkserver  # None: every node is a fresh interpreter (NodeStart.EXEC)
+        self.started = time.monotonic() if started is None else started
         self.context = zmq.Context()
         # Linger 0: the launcher only answers Ends and sends Stops, and closes once every node
         # has exited. Control messages carry no tensors: nothing bigger than a header is taken.
@@ -165,9 +171,7 @@ class Launcher:
         self.metrics = (run_dir / "metrics.jsonl").open("w")
 
     def start(self) -> None:
-        env = {**NODE_ENVIRONMENT, **os.environ, "PYTHONUNBUFFERED": "1"}
-        if env.get("DNI_MESH_DATA"):  # resolved here, once: a node may run in another folder
-            env["DNI_MESH_DATA"] = str(Path(env["DNI_MESH_DATA"]).resolve())
+        env = node_environment()
         # What `dni-mesh plot --rdm` (dni_mesh.rdm) needs to rebuild the stages after the run.
         shutil.copyfile(self.topology.path, self.run_dir / "topology.yaml")
         data_dir = self.topology.data.data_dir or env.get("DNI_MESH_DATA")
@@ -178,11 +182,19 @@ class Launcher:
         for name, spec in self.topology.nodes.items():
             env["OMP_NUM_THREADS"] = str(spec.threads)
             log_path = self.run_dir / f"{name}.log"
-            command = self.wrap(name, node_command(self.topology, name, self.overrides,
-                                                   self.inbox.address, self.run_dir))
-            with log_path.open("w") as log:
-                process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                           stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+            arguments = node_arguments(self.topology, name, self.overrides, self.inbox.address,
+                                       self.run_dir)
+            if self.forkserver is not None:
+                try:
+                    process = self.forkserver.start(arguments, env, log_path, Path.cwd())
+                except ForkServerFailed as error:
+                    raise NodeFailed(f"node {name} could not start: {error}") from None
+            else:
+                command = self.wrap(name, [sys.executable, "-m", "dni_mesh.cli", *arguments])
+                with log_path.open("w") as log:
+                    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                               stdin=subprocess.DEVNULL, env=env,
+                                               start_new_session=True)
             self.nodes[name] = NodeProcess(name, process, log_path)
         pids = {name: node.process.pid for name, node in self.nodes.items()}
         (self.run_dir / "nodes.json").write_text(json.dumps(pids, indent=2) + "\n")
@@ -251,6 +263,8 @@ class Launcher:
             node.waiting_for = str(message.values.get("waiting_for"))
         elif isinstance(message, wire.Metrics):
             values = dict(message.values, node=peer, step=message.step)
+            if values.get("event") == "step" and node.first_step_s is None:
+                node.first_step_s = round(now - self.started, 3)
             self.metrics.write(json.dumps(values) + "\n")
             if self.board is not None:
                 self.board.log(peer, values)
@@ -294,6 +308,8 @@ class Launcher:
             "test_accuracy_per_eval": [e["test_accuracy"] for e in evals],
             "train_samples_per_s": heads[0].final.get("samples_per_s") if heads else None,
             "wall_s": round(wall_s, 3), "run_dir": str(self.run_dir),
+            # Start-up: from the call of run() until the head's first training step.
+            "first_step_s": heads[0].first_step_s if heads else None,
             "nodes": {name: {"pid": n.process.pid, "role": t.nodes[name].role,
                              "host": t.nodes[name].host, "address": t.nodes[name].address,
                              "steps": n.final.get("steps"),
@@ -302,7 +318,8 @@ class Launcher:
                              "unexpected": n.final.get("unexpected"),
                              "rejected": n.final.get("rejected"),
                              "dropped_messages": n.final.get("dropped_messages"),
-                             "max_rss_mb": n.final.get("max_rss_mb")}
+                             "max_rss_mb": n.final.get("max_rss_mb"),
+                             "first_step_s": n.first_step_s}
                       for name, n in self.nodes.items()},
         }
 
@@ -311,7 +328,8 @@ def run(topology_path: str | Path, overrides: Sequence[str] = (), run_dir: Path 
         summary_path: Path | None = None, live: bool = True, wrap: Wrap = no_wrap,
         topology: Topology | None = None, control_host: str = "127.0.0.1",
         silence_s: float = SILENCE_S, stall_s: float = STALL_S, quiet: bool = False,
-        tensorboard: bool = False) -> dict:
+        tensorboard: bool = False, start: NodeStart = NodeStart.FORK,
+        forkserver: ForkServer | None = None) -> dict:
     """Run a whole mesh on this machine; returns (and optionally writes) the summary.
 
     The Python API of `dni-mesh run`: `live` shows the live table on a terminal, `quiet` prints
@@ -322,6 +340,10 @@ def run(topology_path: str | Path, overrides: Sequence[str] = (), run_dir: Path 
     `wrap` changes each node's command and `control_host` is the address the launcher's control
     inbox binds, which every node must reach (e.g. `dni_mesh.netns.Network` gives both).
 
+    `start` is how node processes start (`NodeStart`); a `wrap`ped command is always executed.
+    `forkserver`: one already started (the CLI starts it before its own imports, so that they
+    overlap); the caller closes it. Without one, run() starts and closes its own.
+
     `silence_s` and `stall_s` bound how long a node may send nothing and how long the mesh may
     make no progress before the run fails.
 
@@ -329,15 +351,29 @@ def run(topology_path: str | Path, overrides: Sequence[str] = (), run_dir: Path 
     before anything starts, for nodes on this machine's network), NodeFailed when a node dies,
     Interrupted on SIGINT/SIGTERM; in every case no node process is left behind.
     """
-    topology = topology or load_topology(topology_path, overrides)
-    plan = resolve_plan(topology)  # a mesh that cannot run is refused here (TopologyError)
-    if wrap is no_wrap:
-        check_ports(topology)
-    run_dir = run_dir or default_run_dir(topology)
-    launcher = Launcher(topology, overrides, run_dir, live=live, wrap=wrap, control_host=control_host,
-                        silence_s=silence_s, stall_s=stall_s, quiet=quiet, tensorboard=tensorboard)
-    plan.save(run_dir / PLAN_FILE, topology)
     started = time.monotonic()
+    topology = topology or load_topology(topology_path, overrides)
+    # First, so that its imports overlap ours and the plan's dry runs below.
+    own = forkserver is None and start is NodeStart.FORK and wrap is no_wrap
+    if own:
+        forkserver = ForkServer(node_environment())
+    elif start is NodeStart.EXEC or wrap is not no_wrap:
+        forkserver = None
+    try:
+        from dni_mesh.build import resolve_plan  # imports torch: after the fork server started
+        plan = resolve_plan(topology)  # a mesh that cannot run is refused here (TopologyError)
+        if wrap is no_wrap:
+            check_ports(topology)
+        run_dir = run_dir or default_run_dir(topology)
+        launcher = Launcher(topology, overrides, run_dir, live=live, wrap=wrap,
+                            control_host=control_host, silence_s=silence_s, stall_s=stall_s,
+                            quiet=quiet, tensorboard=tensorboard, forkserver=forkserver,
+                            started=started)
+    except BaseException:
+        if own:
+            forkserver.close()
+        raise
+    plan.save(run_dir / PLAN_FILE, topology)
 
     def interrupt(signum: int, frame: object) -> None:
         raise Interrupted(f"{signal.Signals(signum).name} received")
@@ -356,6 +392,8 @@ def run(topology_path: str | Path, overrides: Sequence[str] = (), run_dir: Path 
         for s, handler in previous.items():
             signal.signal(s, handler)
         launcher.close()
+        if own:
+            forkserver.close()
     summary = launcher.summary(time.monotonic() - started)
     launcher.view.final_table(launcher.nodes, summary)
     if summary_path is not None:
