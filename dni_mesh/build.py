@@ -29,7 +29,9 @@ from torch import nn
 
 from dni_mesh import wire
 from dni_mesh.core import Batch, Clock, EpochEnd, InEdge, OutEdge, SourceCore, StageCore, Wiring
-from dni_mesh.objective import Classification
+from dni_mesh.language_model import LanguageModel
+from dni_mesh.objective import Classification, Objective
+from dni_mesh.recurrent import RecurrentStage, flat
 from dni_mesh.stage import Stage
 from dni_mesh.synthetic import SyntheticGradientConfig, Synthesizer, make_optimizer
 from dni_mesh.topology import Topology, TopologyError, resolve_import
@@ -58,34 +60,77 @@ def make_stage(name: str, make_module: Callable[[], nn.Module], *,
                rule: UpdateRule | None, synthetic_gradient: SyntheticGradientConfig | None = None,
                num_classes: int, seed: int = 0, window: int = 1,
                device: torch.device | str = "cpu",
-               output_shape: tuple[int, ...] | None = None) -> Stage:
+               output_shape: tuple[int, ...] | None = None,
+               time: str | None = None, input_dtypes: Sequence[torch.dtype] | None = None,
+               label_shape: tuple[int, ...] = ()) -> Stage:
     """A node's Stage: module, optimizer and synthesizer seeded from (seed, name). rule None
-    makes a head, which owns the classification objective.
+    makes a head, which owns the objective its labels call for (`objective_for`).
 
     The module is built under node_seed(seed, name) and the synthesizer under
     node_seed(seed, name + "/synthesizer"), both on the CPU and inside a forked RNG, so the
     caller's random state is untouched and changing one never shifts the other's weights.
     The synthesizer is sized by output_shape, one sample of the module's output, or when that
     is None by a dry run on float32 input_shapes (per-sample input shapes).
+
+    time (None, "bptt" or "dni") makes a RecurrentStage: the module is recurrent
+    (`dni_mesh.recurrent`), its synthesizer reads one time step of the output, and with "dni"
+    a time synthesizer (seeded from name + "/time-synthesizer", sized by a dry run on
+    input_dtypes) predicts the gradient beyond each chunk.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(node_seed(seed, name))
         module = make_module()
+    sg_config = synthetic_gradient or SyntheticGradientConfig()
     synthesizer = sg_optimizer = None
     if rule is not None and rule.synthetic:
-        sg_config = synthesizer_config(rule, synthetic_gradient or SyntheticGradientConfig())
         shape = output_shape if output_shape is not None else output_spec(module, input_shapes)[0]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(node_seed(seed, name + "/synthesizer"))
-            synthesizer = Synthesizer(shape, num_classes, sg_config)
-        sg_optimizer = make_optimizer(synthesizer.parameters(), sg_config.optimizer)
+        synthesizer, sg_optimizer = seeded_synthesizer(
+            shape[-1:] if time else shape, num_classes, synthesizer_config(rule, sg_config),
+            node_seed(seed, name + "/synthesizer"))
     module.to(device)
-    if synthesizer is not None:
-        synthesizer.to(device)
-    objective = Classification(num_classes) if rule is None else None
-    return Stage(name, module, make_optimizer(module.parameters(), optimizer), rule=rule,
-                 objective=objective, synthesizer=synthesizer, sg_optimizer=sg_optimizer,
-                 window=window, device=device)
+    objective = objective_for(label_shape, num_classes) if rule is None else None
+    settings = dict(rule=rule, objective=objective, synthesizer=synthesizer,
+                    sg_optimizer=sg_optimizer, window=window, device=device)
+    if time is None:
+        return Stage(name, module, make_optimizer(module.parameters(), optimizer), **settings)
+    clock_synthesizer = clock_optimizer = None
+    if time == "dni":
+        dtypes = input_dtypes or [torch.float32] * len(input_shapes)
+        size = state_size(module, input_shapes, dtypes, device)
+        clock_synthesizer, clock_optimizer = seeded_synthesizer(
+            (size,), num_classes, replace(sg_config, conditioned=False),
+            node_seed(seed, name + "/time-synthesizer"))
+    return RecurrentStage(name, module, make_optimizer(module.parameters(), optimizer),
+                          time_synthesizer=clock_synthesizer, time_sg_optimizer=clock_optimizer,
+                          **settings)
+
+
+def seeded_synthesizer(shape: tuple[int, ...], num_classes: int,
+                       config: SyntheticGradientConfig, seed: int
+                       ) -> tuple[Synthesizer, torch.optim.Optimizer]:
+    """A synthesizer built under its own seed (inside a forked RNG), and its optimizer."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        synthesizer = Synthesizer(shape, num_classes, config)
+    return synthesizer, make_optimizer(synthesizer.parameters(), config.optimizer)
+
+
+def state_size(module: nn.Module, input_shapes: Sequence[tuple[int, ...]],
+               input_dtypes: Sequence[torch.dtype], device: torch.device | str = "cpu") -> int:
+    """Numbers per sample in a recurrent module's state: what its time synthesizer reads."""
+    was_training = module.training
+    module.eval()
+    with torch.no_grad():
+        _, state = module(*[torch.zeros(DRY_BATCH, *shape, dtype=dtype, device=device)
+                            for shape, dtype in zip(input_shapes, input_dtypes, strict=True)], None)
+    module.train(was_training)
+    return flat(state).shape[1]
+
+
+def objective_for(label_shape: tuple[int, ...], num_classes: int) -> Objective:
+    """What a head minimises: a class per sample (classification), or the next token at every
+    time step of a chunk (a language model: labels [T] per sample)."""
+    return LanguageModel() if label_shape else Classification(num_classes)
 
 
 def synthesizer_config(rule: UpdateRule,
@@ -139,7 +184,7 @@ DRY_BATCH = 2
 """Samples in a dry run: two, so batch norm in eval mode and a batch dimension both show."""
 WIRE_FLOATS = {name: dtype for name, dtype in wire.DTYPES.items() if dtype.is_floating_point}
 """The dtypes a stage may send: floating (gradients come back for them), carried by the wire."""
-PLAN_VERSION = 1
+PLAN_VERSION = 2
 _HERE, _TORCH = str(Path(__file__).parent), str(Path(torch.__file__).parent)
 
 
@@ -151,6 +196,7 @@ class Plan:
     shapes: dict[str, tuple[int, ...]]
     dtypes: dict[str, torch.dtype]
     num_classes: int
+    label_shape: tuple[int, ...] = ()  # one sample's labels: () a class, (T,) a chunk's tokens
 
     def describe(self, name: str) -> str:
         """What `name` sends, e.g. "float32[256]"."""
@@ -162,7 +208,8 @@ class Plan:
                    for name in self.shapes}
         Path(path).write_text(json.dumps({
             "plan": PLAN_VERSION, "topology": str(topology.path), "digest": plan_digest(topology),
-            "num_classes": self.num_classes, "outputs": outputs}, indent=1) + "\n")
+            "num_classes": self.num_classes, "label_shape": list(self.label_shape),
+            "outputs": outputs}, indent=1) + "\n")
 
 
 
@@ -175,7 +222,7 @@ def plan_digest(topology: Topology) -> str:
     """A digest of what decides the plan (data source, node modules and args, edges), so a
     node refuses a plan made for another file or other `--set`s."""
     decisive = {"data": [topology.data.source, topology.data.args],
-                "nodes": {n.name: [n.role, n.module, n.args] for n in topology.nodes.values()},
+                "nodes": {n.name: [n.role, n.module, n.args, n.time] for n in topology.nodes.values()},
                 "edges": [e.name for e in topology.edges]}
     return hashlib.sha256(json.dumps(decisive, sort_keys=True, default=repr).encode()).hexdigest()
 
@@ -200,7 +247,7 @@ def load_plan(path: Path, topology: Topology) -> Plan:
             raise refuse(f"no output for {', '.join(missing)}")
         return Plan({name: tuple(int(n) for n in out["shape"]) for name, out in outputs.items()},
                     {name: wire.DTYPES[out["dtype"]] for name, out in outputs.items()},
-                    int(saved["num_classes"]))
+                    int(saved["num_classes"]), tuple(int(n) for n in saved["label_shape"]))
     except TopologyError:
         raise
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -264,13 +311,14 @@ def resolve_plan(topology: Topology, devices: Iterable[str] | None = None) -> Pl
     for name in topology.nodes if devices is None else devices:
         check_device(topology, name)
     source = topology.source
-    shape, dtype, num_classes = _source_sample(topology)
+    shape, dtype, num_classes, label_shape = _source_sample(topology)
     shapes, dtypes = {source: shape}, {source: dtype}
     with torch.random.fork_rng(devices=[]):  # building modules must not move the caller's RNG
         for name in topology.topological_order():
             if name != source:
-                shapes[name], dtypes[name] = _dry_run(topology, name, shapes, dtypes, num_classes)
-    return Plan(shapes, dtypes, num_classes)
+                shapes[name], dtypes[name] = _dry_run(topology, name, shapes, dtypes, num_classes,
+                                                      label_shape)
+    return Plan(shapes, dtypes, num_classes, label_shape)
 
 
 def probe(topology: Topology) -> Plan:
@@ -289,13 +337,16 @@ def node_plan(topology: Topology, name: str, path: Path | None = None) -> Plan:
     return load_plan(path, topology)
 
 
-def _source_sample(topology: Topology) -> tuple[tuple[int, ...], torch.dtype, int]:
-    """One sample's shape and dtype, and the number of classes, from the test split."""
+def _source_sample(topology: Topology
+                   ) -> tuple[tuple[int, ...], torch.dtype, int, tuple[int, ...]]:
+    """One sample's shape and dtype, the number of classes and one sample's label shape, from
+    the test split."""
     data = topology.data
     try:
         test = build_source(topology, "test")
-        x, _ = next(iter(test))
+        x, y = next(iter(test))
         shape, num_classes = tuple(test.sample_shape), int(test.num_classes)
+        label_shape = tuple(y.shape[1:])
     except Exception as exc:
         raise topology.error(("data", "source"), f"the data source {data.source} gives no test "
                              f"batch: {_why(exc)}") from exc
@@ -303,7 +354,7 @@ def _source_sample(topology: Topology) -> tuple[tuple[int, ...], torch.dtype, in
         got = wire_name(x.dtype) if isinstance(x, torch.Tensor) else type(x).__name__
         raise topology.error(("data", "source"), f"the data source {data.source} gives {got} "
                              f"samples; the wire carries {', '.join(wire.DTYPES)}")
-    return shape, x.dtype, num_classes
+    return shape, x.dtype, num_classes, label_shape
 
 
 def _show(x: torch.Tensor) -> str:
@@ -330,9 +381,10 @@ def _forward(module: Callable, inputs: list[torch.Tensor]) -> tuple[object, Exce
 
 
 def _dry_run(topology: Topology, name: str, shapes: dict[str, tuple[int, ...]],
-             dtypes: dict[str, torch.dtype],
-             num_classes: int) -> tuple[tuple[int, ...], torch.dtype]:
-    """Build node `name`'s module and run it as `resolve_plan` says; its output's spec."""
+             dtypes: dict[str, torch.dtype], num_classes: int,
+             label_shape: tuple[int, ...]) -> tuple[tuple[int, ...], torch.dtype]:
+    """Build node `name`'s module and run it as `resolve_plan` says (a recurrent one from its
+    zero state, module(*inputs, None)); its output's spec."""
     spec = topology.nodes[name]
     who = f"{name} ({spec.module})"
     producers = [e.src for e in topology.inputs(name)]
@@ -347,10 +399,13 @@ def _dry_run(topology: Topology, name: str, shapes: dict[str, tuple[int, ...]],
         raise topology.error(("nodes", name, "module"),
                              f"{who} gives a {type(module).__name__}, not a torch.nn.Module")
     module.eval()
-    out, error = _forward(module, inputs)
+    recurrent = spec.time is not None
+    out, error = _forward(module, inputs + [None] if recurrent else inputs)
     if error is not None:
         _blame_producer(topology, who, producers, inputs, module, got, error)
         raise topology.error(("nodes", name, "module"), f"{who} {got}: {_why(error)}") from error
+    if recurrent:
+        out = _recurrent_output(topology, name, who, got, out)
     if not isinstance(out, torch.Tensor):
         raise topology.error(("nodes", name, "module"), f"{who} {got}: returned a "
                              f"{type(out).__name__}; a node's module returns one tensor")
@@ -358,23 +413,45 @@ def _dry_run(topology: Topology, name: str, shapes: dict[str, tuple[int, ...]],
     if out.dim() == 0 or out.shape[0] != DRY_BATCH:
         raise topology.error(("nodes", name, "module"), f"{sent}: the first dimension of the "
                              f"output must be the batch ({DRY_BATCH} here)")
-    labels = torch.zeros(DRY_BATCH, dtype=torch.int64)
+    labels = torch.zeros(DRY_BATCH, *label_shape, dtype=torch.int64)
     if spec.role == "head":
-        if tuple(out.shape[1:]) != (num_classes,):
+        scores = [DRY_BATCH, *label_shape, num_classes]
+        if list(out.shape) != scores:
             raise topology.error(("nodes", name, "module"), (
-                f"{sent}: a head gives [batch, {num_classes}] class scores (the data has "
-                f"{num_classes} classes)"))
+                f"{sent}: a head gives [batch, {', '.join(map(str, scores[1:]))}] class scores "
+                f"(the data has {num_classes} classes"
+                f"{f' and labels {list(label_shape)} per sample' if label_shape else ''})"))
+        objective = objective_for(label_shape, num_classes)
         try:
-            Classification(num_classes).loss(out, labels)
+            objective.loss(out, labels)
         except Exception as exc:
-            raise topology.error(("nodes", name, "module"), f"{sent}, which the classification "
-                                 f"loss cannot take: {_why(exc)}") from exc
+            raise topology.error(("nodes", name, "module"), f"{sent}, which the "
+                                 f"{type(objective).__name__} loss cannot take: {_why(exc)}") from exc
     elif out.dtype not in WIRE_FLOATS.values():
         raise topology.error(("nodes", name, "module"), f"{sent}: a stage sends a floating dtype "
                              f"the wire carries ({', '.join(WIRE_FLOATS)})")
+    elif recurrent:  # its synthesizer reads one time step
+        _dry_run_synthesizer(topology, name, who, out.reshape(-1, out.shape[-1]),
+                             labels.reshape(-1), num_classes)
     else:
         _dry_run_synthesizer(topology, name, who, out, labels, num_classes)
     return tuple(out.shape[1:]), out.dtype
+
+
+def _is_state(state: object) -> bool:
+    return isinstance(state, torch.Tensor) or (isinstance(state, tuple) and bool(state) and all(
+        isinstance(t, torch.Tensor) for t in state))
+
+
+def _recurrent_output(topology: Topology, name: str, who: str, got: str,
+                      out: object) -> object:
+    """The output y of a recurrent module's (y, state), after checking it returned that."""
+    if not (isinstance(out, tuple) and len(out) == 2 and _is_state(out[1])):
+        raise topology.error(("nodes", name, "time"), (
+            f"{who} {got}: returned {type(out).__name__}; a recurrent module (time: "
+            f"{topology.nodes[name].time}) returns (output, state), the state a tensor or a "
+            "tuple of tensors"))
+    return out[0]
 
 
 def _blame_producer(topology: Topology, who: str, producers: list[str],
@@ -446,7 +523,7 @@ def wiring(topology: Topology, name: str, found: Plan) -> Wiring:
                    for e in topology.inputs(name))
     outputs = tuple(OutEdge(e.name, e.dst) for e in topology.outputs(name))
     return Wiring(name, inputs, outputs, node_window(topology, name), spec.role != "source",
-                  topology.data.batch_size, found.num_classes)
+                  topology.data.batch_size, found.num_classes, found.label_shape)
 
 
 def build_stage(topology: Topology, name: str, found: Plan | None = None) -> Stage:
@@ -460,7 +537,9 @@ def build_stage(topology: Topology, name: str, found: Plan | None = None) -> Sta
         optimizer=spec.optimizer, rule=node_rule(topology, name),
         synthetic_gradient=SyntheticGradientConfig(**spec.synthetic_gradient),
         num_classes=found.num_classes, seed=topology.seed, window=node_window(topology, name),
-        device=spec.device, output_shape=found.shapes[name])
+        device=spec.device, output_shape=found.shapes[name], time=spec.time,
+        input_dtypes=[found.dtypes[e.src] for e in topology.inputs(name)],
+        label_shape=found.label_shape)
 
 
 def largest_tensor(topology: Topology, name: str, found: Plan) -> int:

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from dni_mesh import wire
+from dni_mesh.language_model import IGNORE, bits_per_token, perplexity
 from dni_mesh.stage import Stage, StepResult
 
 
@@ -56,6 +57,8 @@ class Wiring:
     trains: bool                   # answers to its outputs carry gradients (False: the source)
     batch_size: int                # the largest batch an activation may carry
     num_classes: int               # labels lie in [0, num_classes)
+    label_shape: tuple[int, ...] = ()  # one sample's labels: a class, or (T,) next tokens
+                                       # of a chunk (where IGNORE marks a token not scored)
 
 
 # Actions: what a driver does for the core.
@@ -180,23 +183,25 @@ class Outputs:
 @dataclass
 class EvalPass:
     """A head's loss and accuracy over one pass of the test set. Batches without labels are
-    evaluated but counted apart: accuracy is over the labelled samples only."""
+    evaluated but counted apart: accuracy and loss are over the labels scored only (a sample's
+    one class, or each scored token of a chunk)."""
     batches: int = 0
     samples: int = 0
-    labelled: int = 0
+    labelled: int = 0  # labels scored
     correct: int = 0
     loss_sum: float = 0.0
     started: float = 0.0
 
-    def add(self, result: StepResult, n: int, now: float) -> None:
+    def add(self, result: StepResult, n: int, labels: Tensor | None, now: float) -> None:
         if not self.batches:
             self.started = now
         self.batches += 1
         self.samples += n
         if result.correct is not None:
-            self.labelled += n
+            scored = int((labels != IGNORE).sum())
+            self.labelled += scored
             self.correct += result.correct
-            self.loss_sum += result.loss * n
+            self.loss_sum += result.loss * scored
 
     def result(self) -> dict:
         values = {"test_samples": self.samples, "test_labelled": self.labelled}
@@ -424,9 +429,12 @@ class StageCore(Core):
             return f"batch of {batch} on {edge.name}, expected 1 to {self.wiring.batch_size}"
         if labels is None:
             return f"training batch on {edge.name} without labels" if act.phase == "train" else None
-        if tuple(labels.shape) != (batch,):
-            return f"labels on {edge.name} have shape {list(labels.shape)}, expected [{batch}]"
-        if not (0 <= int(labels.min()) and int(labels.max()) < self.wiring.num_classes):
+        expected = (batch, *self.wiring.label_shape)
+        if tuple(labels.shape) != expected or labels.dtype != torch.int64:
+            return (f"labels on {edge.name} are {labels.dtype} {list(labels.shape)}, expected "
+                    f"int64 {list(expected)}")
+        scored = labels[labels != IGNORE] if self.wiring.label_shape else labels
+        if scored.numel() and not (0 <= int(scored.min()) and int(scored.max()) < self.wiring.num_classes):
             return f"labels on {edge.name} outside [0, {self.wiring.num_classes})"
         return None
 
@@ -464,9 +472,11 @@ class StageCore(Core):
         labels = next((a.labels for a in acts if a.labels is not None), None)
         inputs = [aligned(a.h) for a in acts]
         if phase != "train":
+            if not self.eval.batches:
+                self.stage.reset_eval_state()  # a pass reads its split from the start
             result = self.stage.evaluate(inputs, labels)
             actions = self.send_output(seq, result, labels, phase)
-            self.eval.add(result, n, self.clock())
+            self.eval.add(result, n, labels, self.clock())
             self.counters.eval_batches += 1
             return actions + self.reply(seq, None)
         actions = self.close_eval()
@@ -515,7 +525,11 @@ class StageCore(Core):
             return []
         actions: list[Action] = []
         if self.stage.head:
-            actions.append(Record({"event": "eval", **self.eval.result()}, force=True))
+            result = self.eval.result()
+            if self.wiring.label_shape and "test_loss" in result:  # a language model's measures
+                result.update(test_bits_per_token=bits_per_token(result["test_loss"]),
+                              test_perplexity=perplexity(result["test_loss"]))
+            actions.append(Record({"event": "eval", **result}, force=True))
         self.train_clock.paused += self.clock() - self.eval.started
         self.eval = EvalPass()
         return actions

@@ -1,4 +1,4 @@
-"""Single-process reference trainer for a chain of stages: the oracle for the mesh.
+"""Single-process reference trainers: the oracles for the mesh.
 
 It drives the same node cores as the mesh (`dni_mesh.core`), in one process, with ONE batch in
 flight: the trainer hands batch t to the first stage as the source would, then delivers every
@@ -6,6 +6,10 @@ message the cores send, in the order they send them, until none is left. With on
 each node sees its events in the same order as in the mesh at window 1 (forward t, the answer
 to t, forward t + 1), so both compute the same numbers. Stages are built by
 `dni_mesh.build.make_stage`, which the mesh uses too: weights depend only on (seed, node name).
+
+`ChainTrainer` takes a chain built in code (it needs no topology file); `train_in_process`
+takes any topology, recurrent nodes and DAGs included, and runs every node's core, the
+source's too, exactly as `dni_mesh.build` builds them for the mesh.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from dni_mesh import wire
-from dni_mesh.build import make_stage, module_factory, output_spec, probe
+from dni_mesh.build import Plan, build_core, make_stage, module_factory, output_spec, probe
 from dni_mesh.core import (Acknowledge, Action, Core, EndEdge, InEdge, OutEdge, Record, Reject, Send,
                            StageCore, Wiring)
 from dni_mesh.stage import Stage
@@ -225,3 +229,17 @@ class ChainTrainer:
         self.head.close_eval()
         return Evaluation(result.get("test_loss"), result.get("test_accuracy"), result["test_samples"])
 
+
+
+def train_in_process(topology: Topology, found: Plan | None = None) -> Bus:
+    """Run the whole topology, every epoch and evaluation, as node cores on one Bus in this
+    process; returns the Bus, whose `records` hold every node's metrics. At window 1 every node
+    sees its events in the order it sees them in the mesh, so the numbers are the mesh's.
+    Raises RuntimeError naming what each node waits for if the run cannot finish."""
+    found = found or probe(topology)
+    bus = Bus({name: build_core(topology, name, time.monotonic, found) for name in topology.nodes})
+    bus.start()
+    bus.run()
+    if not all(core.finished for core in bus.cores.values()):
+        raise RuntimeError(f"{topology.path}: the in-process run cannot finish: {bus.stuck()}")
+    return bus

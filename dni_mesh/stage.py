@@ -187,6 +187,10 @@ class Stage:
                           loss=self.objective.loss(out, labels).item(),
                           correct=self.objective.correct(out, labels))
 
+    def reset_eval_state(self) -> None:
+        """Called before each evaluation pass; a feed-forward stage carries nothing between
+        evaluation batches (a recurrent one resets its state)."""
+
     def synthetic_gradient(self, h: Tensor, labels: Tensor | None) -> Tensor:
         with torch.no_grad():
             g = self.synthesizer(h, labels if self.synthesizer.conditioned else None)

@@ -26,7 +26,8 @@ from dni_mesh.topology_file import (DataFile, EdgeFile, LinkFile, NodeFile, RawT
 __all__ = ["DataSpec", "EdgeSpec", "HostSpec", "LinkSpec", "NodeSpec", "Topology",
            "TopologyError", "describe", "load_topology", "resolve_import"]
 
-DATA_ALIASES = {"mnist": "nodes.data:MNIST"}
+DATA_ALIASES = {"mnist": "nodes.data:MNIST", "ptb": "nodes.ptb:PennTreebank",
+                "copy": "nodes.sequence_tasks:CopyTask"}
 _NAME = re.compile(r"\w+(-\w+)*", re.ASCII)  # node and host names: no dots (dotted keys), no "->"
 _IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
@@ -85,6 +86,7 @@ class NodeSpec:
     threads: int
     window: int
     bp_lambda: float
+    time: str | None  # None: a feed-forward module; bptt | dni: recurrent, over chunks
     host: str
     port: int
     address: str  # tcp://{host address}:{port}, the node's inbox
@@ -359,7 +361,7 @@ def _node_spec(raw: RawTopology, name: str, node: NodeFile, mode: str | None, ho
         name=name, role=node.role, module=node.module, args=node.args,
         optimizer=node.optimizer.model_dump(), synthetic_gradient=sg, device=node.device,
         threads=node.threads, window=node.window,
-        bp_lambda=node.bp_lambda, host=host.name, port=port,
+        bp_lambda=node.bp_lambda, time=node.time, host=host.name, port=port,
         address=f"tcp://{host.address}:{port}", mode=mode)
 
 

@@ -59,6 +59,7 @@ def parse_value(text: str) -> Any:
 # --- the schema: strict types (no "3" -> 3, no true -> 1), unknown keys rejected --------------
 
 Mode = Literal["backprop", "dni", "cdni", "bp_lambda"]
+Time = Literal["bptt", "dni"]
 Port = Annotated[int, Field(ge=1, le=65535)]
 PositiveInt = Annotated[int, Field(ge=1)]
 NonNegative = Annotated[float, Field(ge=0)]
@@ -97,6 +98,7 @@ class SettingsFile(_Strict):
     threads: PositiveInt = 1
     window: PositiveInt = 1
     bp_lambda: Annotated[float, Field(ge=0, le=1)] = 1.0
+    time: Time | None = None  # a recurrent module, and what crosses its chunk boundaries
 
 
 class NodeFile(SettingsFile):
