@@ -306,6 +306,8 @@ class Launcher:
             "name": t.name, "mode": t.mode, "epochs": t.data.epochs,
             "test_accuracy": evals[-1]["test_accuracy"] if evals else None,
             "test_accuracy_per_eval": [e["test_accuracy"] for e in evals],
+            # A language model's head (labels per token) also reports bits per token.
+            "test_bits_per_token": evals[-1].get("test_bits_per_token") if evals else None,
             "train_samples_per_s": heads[0].final.get("samples_per_s") if heads else None,
             "wall_s": round(wall_s, 3), "run_dir": str(self.run_dir),
             # Start-up: from the call of run() until the head's first training step.

@@ -92,10 +92,13 @@ class LiveView:
         for name in self.topology.heads:
             evals = nodes[name].evals if name in nodes else []
             for record in evals[self.printed.get(name, 0):]:
+                bits = (f"{_fmt(record['test_bits_per_token'])} bits per token, "
+                        if "test_bits_per_token" in record else "")
                 self.console.print(f"eval {len(evals)}: {name} test accuracy "
-                                   f"{_fmt(record.get('test_accuracy'))} (loss {_fmt(record.get('test_loss'))}, "
-                                   f"{record.get('test_labelled', 0)} of {record.get('test_samples', 0)} "
-                                   "samples labelled)")
+                                   f"{_fmt(record.get('test_accuracy'))} ({bits}loss "
+                                   f"{_fmt(record.get('test_loss'))}, "
+                                   f"{record.get('test_labelled', 0)} labels scored in "
+                                   f"{record.get('test_samples', 0)} samples)")
             self.printed[name] = len(evals)
 
     def final_table(self, nodes: dict, summary: dict) -> None:
@@ -106,8 +109,10 @@ class LiveView:
             self.console.print(self.table(nodes, title))
         else:
             print(plain_table(title, [list(COLUMNS), *self.rows(nodes)]), flush=True)
+        bits = summary.get("test_bits_per_token")
         self.console.print(f"mode {summary['mode']}  test accuracy {_fmt(summary['test_accuracy'])}  "
-                           f"train samples/s {_fmt(summary['train_samples_per_s'])}  "
+                           + (f"test bits/token {_fmt(bits)}  " if bits is not None else "")
+                           + f"train samples/s {_fmt(summary['train_samples_per_s'])}  "
                            f"wall {summary['wall_s']:.1f} s  run folder {summary['run_dir']}",
                            soft_wrap=True)
 
