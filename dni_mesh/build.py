@@ -14,6 +14,7 @@ launcher hands it to the node processes (`node_plan`), which then build only the
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import socket
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 from dni_mesh import wire
+from dni_mesh.checkpoint import CheckpointPolicy
 from dni_mesh.core import Batch, Clock, EpochEnd, InEdge, OutEdge, SourceCore, StageCore, Wiring
 from dni_mesh.language_model import LanguageModel
 from dni_mesh.objective import Classification, Objective
@@ -554,11 +556,20 @@ def largest_tensor(topology: Topology, name: str, found: Plan) -> int:
     return max(sizes)
 
 
-def build_core(topology: Topology, name: str, clock: Clock,
-               found: Plan | None = None) -> SourceCore | StageCore:
-    """The node core of one node of the topology, with its stage or its data."""
+def build_core(topology: Topology, name: str, clock: Clock, found: Plan | None = None,
+               resume: dict | None = None) -> SourceCore | StageCore:
+    """The node core of one node of the topology, with its stage or its data; resumed from a
+    checkpoint's state (`Core.checkpoint_state`) when given."""
     found = found or probe(topology)
     wired = wiring(topology, name, found)
+    policy = CheckpointPolicy(**topology.checkpoint)
     if topology.nodes[name].role == "source":
-        return SourceCore(wired, source_batches(topology), clock)
-    return StageCore(wired, build_stage(topology, name, found), clock)
+        data = source_batches(topology)
+        if resume is not None:  # past what the source had taken when it saved
+            data = itertools.islice(data, int(resume["core"]["taken"]), None)
+        core = SourceCore(wired, data, clock, policy)
+    else:
+        core = StageCore(wired, build_stage(topology, name, found), clock, policy)
+    if resume is not None:
+        core.restore(resume)
+    return core

@@ -5,7 +5,7 @@ checkpoint must survive the very crash it is for: a file is written in full unde
 name, flushed to disk, then renamed over `NODE.ckpt`; the one it replaces is kept as
 `NODE.prev.ckpt`, so a newest file that turns out bad still leaves a good one to resume from.
 
-The format is a 28-byte header (`MAGIC`, `VERSION` as uint32, the step as int64 and the payload
+The format is a 28-byte header (`MAGIC`, `VERSION` as uint32, the seq as int64 and the payload
 length as uint64, little-endian), the payload (`torch.save` of a dict of tensors, numbers,
 strings, lists and dicts) and the sha256 of header and payload. The length and the digest are
 checked before `torch.load(weights_only=True)` sees a byte, so a truncated or overwritten file is
@@ -26,7 +26,7 @@ import torch
 
 MAGIC = b"DNICKPT\n"
 VERSION = 1
-HEADER = struct.Struct("<8sIqQ")  # magic, version, step, payload length
+HEADER = struct.Struct("<8sIqQ")  # magic, version, seq, payload length
 DIGEST_SIZE = hashlib.sha256().digest_size
 
 log = logging.getLogger(__name__)
@@ -39,38 +39,39 @@ class CheckpointError(ValueError):
 @dataclass(frozen=True)
 class Checkpoint:
     state: dict   # what the node saved: stage, core and data position
-    step: int     # training steps taken when it was saved
+    seq: int      # the seq it resumes at: it was saved before taking it
     path: Path    # the file it was read from
 
 
 @dataclass(frozen=True)
 class CheckpointPolicy:
-    """When a node saves. A restart loses the steps since the last save, and each save costs a
-    write of the whole state, so `every` trades the one against the other (0: never by count).
-    Evaluations are where a run reports its results, so a resume from one repeats them."""
-    every: int = 100
+    """When a node saves, counted in seqs (the source's batches, evaluation included). A restart
+    loses the steps since the last save, and each save costs a write of the whole state, so
+    `every` trades the one against the other (0: never by count). After an evaluation pass a
+    resume does not repeat it."""
+    every: int = 200
     at_evaluation: bool = True
 
     def __post_init__(self) -> None:
         if self.every < 0:
-            raise ValueError(f"checkpoint every {self.every} steps: must be 0 (never) or more")
+            raise ValueError(f"checkpoint every {self.every} seqs: must be 0 (never) or more")
 
-    def due(self, step: int, evaluation: bool = False) -> bool:
-        """Whether to save after `step` training steps, or at an evaluation (evaluation=True)."""
+    def due(self, seq: int, evaluation: bool = False) -> bool:
+        """Whether to save before `seq`, or at the end of an evaluation (evaluation=True)."""
         if evaluation:
             return self.at_evaluation
-        return self.every > 0 and step > 0 and step % self.every == 0
+        return self.every > 0 and seq > 0 and seq % self.every == 0
 
 
-def save_checkpoint(folder: Path, node: str, state: dict, step: int) -> Path:
+def save_checkpoint(folder: Path, node: str, state: dict, seq: int) -> Path:
     """Write node's checkpoint atomically and return its path. The state is read back through
     `torch.load(weights_only=True)` first: one the loader would refuse must not replace a good
     one."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
     payload = buffer.getbuffer()
-    _unpickle(payload, f"the state of node {node} at step {step}")
-    header = HEADER.pack(MAGIC, VERSION, step, len(payload))
+    _unpickle(payload, f"the state of node {node} before seq {seq}")
+    header = HEADER.pack(MAGIC, VERSION, seq, len(payload))
     digest = hashlib.sha256(header)
     digest.update(payload)
     newest, previous, temporary = _paths(folder, node)
@@ -96,9 +97,10 @@ def save_checkpoint(folder: Path, node: str, state: dict, step: int) -> Path:
     return newest
 
 
-def load_checkpoint(folder: Path, node: str) -> Checkpoint | None:
-    """The newest good checkpoint of node; None if it has none. A bad newest one is passed over
-    with a warning for the previous; if every file there is bad, CheckpointError names each."""
+def load_checkpoint(folder: Path, node: str, seq: int | None = None) -> Checkpoint | None:
+    """The newest good checkpoint of node (or the one saved before `seq`); None if it has
+    none. A bad newest one is passed over with a warning for the previous; if no file there is
+    good (and at seq), CheckpointError names each and what is wrong with it."""
     problems: list[str] = []
     for path in _paths(folder, node)[:2]:
         try:
@@ -108,13 +110,30 @@ def load_checkpoint(folder: Path, node: str) -> Checkpoint | None:
         except CheckpointError as error:
             problems.append(str(error))
             continue
+        if seq is not None and checkpoint.seq != seq:
+            problems.append(f"{path} was saved before seq {checkpoint.seq}, not {seq}")
+            continue
         if problems:
-            log.warning("node %s: %s; resuming from %s (step %d) instead", node, problems[0],
-                        path, checkpoint.step)
+            log.warning("node %s: %s; resuming from %s (seq %d) instead", node, problems[0],
+                        path, checkpoint.seq)
         return checkpoint
     if problems:
         raise CheckpointError(f"node {node}: no usable checkpoint: " + "; ".join(problems))
+    if seq is not None:
+        raise CheckpointError(f"node {node}: no checkpoint in {folder} to resume at seq {seq}")
     return None
+
+
+def saved_seqs(folder: Path, node: str) -> list[int]:
+    """The seqs node's good checkpoints resume at, newest first: from the headers of files
+    whose digest matches (their payload is not unpickled)."""
+    seqs = []
+    for path in _paths(folder, node)[:2]:
+        try:
+            seqs.append(_checked(path)[1])
+        except (FileNotFoundError, CheckpointError):
+            continue
+    return seqs
 
 
 def _paths(folder: Path, node: str) -> tuple[Path, Path, Path]:
@@ -124,6 +143,12 @@ def _paths(folder: Path, node: str) -> tuple[Path, Path, Path]:
 
 def _read(path: Path) -> Checkpoint:
     """Check a file's framing and digest, then unpickle its payload with weights_only."""
+    data, seq, end = _checked(path)
+    return Checkpoint(_unpickle(data[HEADER.size:end], str(path)), seq, path)
+
+
+def _checked(path: Path) -> tuple[memoryview, int, int]:
+    """A file's bytes, its seq and where its payload ends, once its framing and digest hold."""
     data = memoryview(path.read_bytes())
     if data[:len(MAGIC)] != MAGIC:
         if MAGIC.startswith(data):
@@ -131,7 +156,7 @@ def _read(path: Path) -> Checkpoint:
         raise CheckpointError(f"{path}: not a dni_mesh checkpoint (it does not start with {MAGIC!r})")
     if len(data) < HEADER.size:
         raise CheckpointError(f"{path}: truncated ({len(data)} bytes, the header alone is {HEADER.size})")
-    _, version, step, length = HEADER.unpack_from(data)
+    _, version, seq, length = HEADER.unpack_from(data)
     if version != VERSION:
         raise CheckpointError(f"{path}: wrong version {version} (this dni_mesh reads {VERSION})")
     end = HEADER.size + length
@@ -141,7 +166,7 @@ def _read(path: Path) -> Checkpoint:
                               f"{end + DIGEST_SIZE})")
     if hashlib.sha256(data[:end]).digest() != data[end:]:
         raise CheckpointError(f"{path}: bad checksum (the sha256 of its contents does not match)")
-    return Checkpoint(_unpickle(data[HEADER.size:end], str(path)), step, path)
+    return data, seq, end
 
 
 def _unpickle(payload: memoryview, what: str) -> dict:

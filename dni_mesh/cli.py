@@ -40,7 +40,13 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="start every node on this machine and supervise them")
-    _topology_args(run)
+    run.add_argument("topology", nargs="?", help="topology YAML file (not with --resume)")
+    run.add_argument("--set", dest="overrides", action="append", default=[],
+                     metavar="KEY=VALUE", help="override a dotted key, e.g. data.epochs=1")
+    run.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                     help="continue the run in RUN_DIR from its newest checkpoint common to "
+                          "every node, with its topology and overrides (plus --set ones that "
+                          "keep the shapes)")
     run.add_argument("--summary", type=Path, help="write the run summary as JSON here")
     run.add_argument("--run-dir", type=Path, help="folder for logs and metrics (default runs/NAME-TIME-PID)")
     run.add_argument("--no-live", action="store_true", help="no live table, even on a terminal")
@@ -90,6 +96,9 @@ def parser() -> argparse.ArgumentParser:
                       help="the network shapes bandwidth between hosts (set by --hosts netns)")
     node.add_argument("--plan", type=Path, help="the mesh's plan (set by `dni-mesh run`); "
                       "without it the node dry-runs every module to find the shapes")
+    node.add_argument("--resume", type=int, metavar="SEQ",
+                      help="start from this node's checkpoint in --run-dir saved before seq SEQ "
+                           "(every node of the mesh resumes at the same SEQ)")
     return p
 
 
@@ -99,8 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "plot":
         from dni_mesh.plot import plot_main
         return plot_main(args)
+    resuming = args.command == "run" and args.resume is not None
+    if args.command == "run" and (resuming == (args.topology is not None) or
+                                  (resuming and args.run_dir is not None)):
+        print("dni-mesh: run takes a TOPOLOGY file, or --resume RUN_DIR without a topology "
+              "and without --run-dir", file=sys.stderr)
+        return 2
     try:
-        topology = load_topology(args.topology, args.overrides)
+        topology = None if resuming else load_topology(args.topology, args.overrides)
     except TopologyError as error:
         print(f"dni-mesh: invalid topology: {error}", file=sys.stderr)
         return 2
@@ -124,30 +139,38 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         from dni_mesh.node import run_node
         return run_node(topology, args.name, args.control, args.run_dir, args.kernel_bandwidth,
-                        **_given(stall_s=args.stall_timeout, plan_path=args.plan))
+                        **_given(stall_s=args.stall_timeout, plan_path=args.plan,
+                                 resume_at=args.resume))
     forkserver = None
     if args.command == "run" and args.start == "fork" and args.hosts == "local":
         from dni_mesh.forkserver import ForkServer, node_environment
         forkserver = ForkServer(node_environment())  # before our imports of torch: they overlap
-    from dni_mesh.launch import Interrupted, NodeFailed, NodeStart, PortInUse, run
+    from dni_mesh.launch import (CannotResume, Interrupted, NodeFailed, NodeStart, PortInUse,
+                                 resume_point, resumed_topology, run)
     from dni_mesh.netns import NetnsError, Network
     try:
         if args.command == "bench":
             from dni_mesh.bench import bench_main
             return bench_main(args)
-        options = dict(run_dir=args.run_dir, summary_path=args.summary, live=not args.no_live,
+        overrides, run_dir, resume_at = args.overrides, args.run_dir, None
+        if resuming:
+            run_dir = args.resume
+            topology, overrides = resumed_topology(run_dir, args.overrides)
+            resume_at = resume_point(run_dir, topology)
+        options = dict(run_dir=run_dir, summary_path=args.summary, live=not args.no_live,
                        topology=topology, tensorboard=args.tensorboard,
-                       start=NodeStart(args.start), forkserver=forkserver,
+                       start=NodeStart(args.start), forkserver=forkserver, resume_at=resume_at,
                        **_given(stall_s=args.stall_timeout))
         if args.hosts == "netns":
             with Network(topology) as network:
-                run(topology.path, args.overrides, wrap=network.wrap,
+                run(topology.path, overrides, wrap=network.wrap,
                     control_host=network.control_host, **options)
         else:
-            run(topology.path, args.overrides, **options)
-    except (TopologyError, NetnsError, PortInUse, MissingExtra, NodeFailed) as error:
+            run(topology.path, overrides, **options)
+    except (TopologyError, NetnsError, PortInUse, MissingExtra, NodeFailed, CannotResume) as error:
         failures = ((TopologyError, "invalid topology: ", 2), (NetnsError, "--hosts netns: ", 2),
-                    (PortInUse, "", 2), (MissingExtra, "", 1), (NodeFailed, "run failed: ", 1))
+                    (PortInUse, "", 2), (MissingExtra, "", 1), (NodeFailed, "run failed: ", 1),
+                    (CannotResume, "cannot resume: ", 2))
         prefix, code = next((p, c) for kind, p, c in failures if isinstance(error, kind))
         print(f"dni-mesh: {prefix}{error}", file=sys.stderr)
         return code

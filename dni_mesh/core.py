@@ -18,6 +18,7 @@ consumer acknowledges it only when count is what arrived.
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Union
@@ -26,6 +27,7 @@ import torch
 from torch import Tensor
 
 from dni_mesh import wire
+from dni_mesh.checkpoint import CheckpointPolicy
 from dni_mesh.language_model import IGNORE, bits_per_token, perplexity
 from dni_mesh.stage import Stage, StepResult
 
@@ -98,7 +100,15 @@ class Reject:
     reason: str
 
 
-Action = Union[Send, Acknowledge, EndEdge, Record, Reject]
+@dataclass(frozen=True)
+class Save:
+    """Checkpoint this state, the node's as it stands before seq: every node of the mesh saves
+    at the same seqs, so a mesh resumes from one consistent cut (`Core.checkpoint`)."""
+    seq: int
+    state: dict  # a copy: the node goes on changing its own
+
+
+Action = Union[Send, Acknowledge, EndEdge, Record, Reject, Save]
 
 
 @dataclass
@@ -238,13 +248,15 @@ class Core:
     """What every node's core shares: counters, the pending table of its outputs, the clock,
     and the dispatch of received messages."""
 
-    def __init__(self, wiring: Wiring, clock: Clock):
+    def __init__(self, wiring: Wiring, clock: Clock, checkpoints: CheckpointPolicy | None = None):
         self.wiring = wiring
         self.clock = clock
+        self.checkpoints = checkpoints
         self.counters = Counters()
         self.outputs = Outputs(wiring)
         self.train_clock = TrainClock()
         self.finished = False
+        self.last_phase = "train"  # of the seq before the next one
 
     def receive(self, peer: str, message: wire.Message) -> list[Action]:
         """Take one message from peer (the transport's identity of the sender); the actions
@@ -287,6 +299,25 @@ class Core:
     def rate(self) -> float:
         return self.train_clock.rate(self.clock())
 
+    def checkpoint(self, seq: int, phase: str) -> list[Action]:
+        """Save before training seq when the policy says so: every `every` seqs and after each
+        evaluation pass, never inside one (its partial results are not state). Every node sees
+        the same phases at the same seqs, so all of them save at the same seqs."""
+        policy, after_eval = self.checkpoints, self.last_phase != "train"
+        self.last_phase = phase
+        if policy is None or phase != "train" or seq == 0 or not (
+                policy.due(seq) or (after_eval and policy.due(seq, evaluation=True))):
+            return []
+        return [Save(seq, copy.deepcopy(self.checkpoint_state()))]
+
+    def checkpoint_state(self) -> dict:
+        """All a node needs to resume: its position, and what it learned."""
+        return {"core": self.state_dict()}
+
+    def restore(self, state: dict) -> None:
+        """Resume from `checkpoint_state` (as it was before the seq it was saved at)."""
+        self.load_state_dict(state["core"])
+
     def waiting_for(self) -> str:
         raise NotImplementedError
 
@@ -316,11 +347,13 @@ class EpochEnd:
 class SourceCore(Core):
     """The data source: sends every batch down every out-edge, `window` in flight at most."""
 
-    def __init__(self, wiring: Wiring, data: Iterator[Batch | EpochEnd], clock: Clock):
-        super().__init__(wiring, clock)
+    def __init__(self, wiring: Wiring, data: Iterator[Batch | EpochEnd], clock: Clock,
+                 checkpoints: CheckpointPolicy | None = None):
+        super().__init__(wiring, clock, checkpoints)
         self.data = data
         self.exhausted = False
         self.seq = 0
+        self.taken = 0  # items taken from data: where a resumed source skips to
         self.evaluating_since: float | None = None  # sending an evaluation pass since
 
     def advance(self) -> list[Action]:
@@ -330,8 +363,11 @@ class SourceCore(Core):
             if item is None:
                 self.exhausted = True
             elif isinstance(item, EpochEnd):
+                self.taken += 1
                 actions.append(Record({"event": "epoch", "epoch": item.epoch, "sent": self.seq}, True))
             else:
+                actions += self.checkpoint(self.seq, item.phase)  # a resumed source sends it again
+                self.taken += 1
                 actions += self.outputs.send(self.seq, item.x, item.y, item.phase)
                 self.seq += 1
                 self.counters.progress += 1
@@ -361,19 +397,22 @@ class SourceCore(Core):
         return "nothing (sending)"
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "seq": self.seq}
+        return {**super().state_dict(), "seq": self.seq, "taken": self.taken}
 
     def load_state_dict(self, state: dict) -> None:
+        """Resume at the saved seq; the caller gives `data` already past the items taken."""
         super().load_state_dict(state)
         self.seq = int(state["seq"])
+        self.taken = int(state["taken"])
 
 
 class StageCore(Core):
     """A stage or head: joins the activations of seq t from every in-edge, steps its Stage,
     sends the output downstream and the gradient (or a bare credit) upstream."""
 
-    def __init__(self, wiring: Wiring, stage: Stage, clock: Clock):
-        super().__init__(wiring, clock)
+    def __init__(self, wiring: Wiring, stage: Stage, clock: Clock,
+                 checkpoints: CheckpointPolicy | None = None):
+        super().__init__(wiring, clock, checkpoints)
         self.stage = stage
         self.inputs = {edge.name: edge for edge in wiring.inputs}
         self.arrived: dict[int, dict[str, wire.Activation]] = {}
@@ -472,6 +511,7 @@ class StageCore(Core):
         labels = next((a.labels for a in acts if a.labels is not None), None)
         inputs = [aligned(a.h) for a in acts]
         if phase != "train":
+            self.last_phase = phase
             if not self.eval.batches:
                 self.stage.reset_eval_state()  # a pass reads its split from the start
             result = self.stage.evaluate(inputs, labels)
@@ -480,6 +520,7 @@ class StageCore(Core):
             self.counters.eval_batches += 1
             return actions + self.reply(seq, None)
         actions = self.close_eval()
+        actions += self.checkpoint(seq, phase)
         self.train_clock.tick(n, self.clock())
         needs_grad = [edge.needs_grad for edge in self.inputs.values()]
         result = self.stage.forward(seq, inputs, labels, needs_grad)
@@ -552,7 +593,16 @@ class StageCore(Core):
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.next_seq = int(state["next_seq"])
-        self.accepted = {name: int(state["accepted"][name]) for name in self.inputs}
+        # Every seq comes down every in-edge once: at a checkpoint each edge has brought next_seq
+        # (the count saved may include seqs that arrived early and were lost with the process).
+        self.accepted = dict.fromkeys(self.inputs, self.next_seq)
+
+    def checkpoint_state(self) -> dict:
+        return {**super().checkpoint_state(), "stage": self.stage.state_dict()}
+
+    def restore(self, state: dict) -> None:
+        super().restore(state)
+        self.stage.load_state_dict(state["stage"])
 
 
 def aligned(t: Tensor) -> Tensor:

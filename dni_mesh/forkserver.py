@@ -11,7 +11,7 @@ torch thread pool: it imports and forks. Each node sets its own thread count and
 sockets after the fork.
 
 The launcher talks to the server over its stdin and stdout, one JSON object per line:
-  launcher -> server  {"argv": [...], "env": {...}, "log": PATH, "cwd": PATH}  start a node
+  launcher -> server  {"argv": [...], "env": {...}, "log": PATH, "cwd": PATH, "append": BOOL}
   server -> launcher  {"pid": N}                  the node of the request, in request order
   server -> launcher  {"exited": N, "code": C}    a node ended (C as subprocess: -9 = SIGKILL)
 The server exits when its stdin closes; nodes it started run on, as nodes started by hand do.
@@ -105,8 +105,10 @@ class ForkServer:
             self.errors.append(line.decode(errors="replace"))
             del self.errors[:-20]
 
-    def start(self, argv: list[str], env: dict[str, str], log: Path, cwd: Path) -> ForkedProcess:
-        request = {"argv": argv, "env": env, "log": str(log), "cwd": str(cwd)}
+    def start(self, argv: list[str], env: dict[str, str], log: Path, cwd: Path,
+              append: bool = False) -> ForkedProcess:
+        """Fork a node running `dni-mesh ARGV`, its output to log (appended to, or replacing it)."""
+        request = {"argv": argv, "env": env, "log": str(log), "cwd": str(cwd), "append": append}
         try:
             self.process.stdin.write(json.dumps(request).encode() + b"\n")
             self.process.stdin.flush()
@@ -181,7 +183,8 @@ def run_child(request: dict) -> None:
     code = 1
     try:
         os.setsid()  # as start_new_session: the launcher kills the node's group by its pid
-        log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        mode = os.O_APPEND if request["append"] else os.O_TRUNC
+        log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | mode, 0o644)
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.dup2(log, 1)

@@ -31,6 +31,7 @@ from pathlib import Path
 import zmq
 
 from dni_mesh import wire
+from dni_mesh.checkpoint import saved_seqs
 from dni_mesh.forkserver import ForkedProcess, ForkServer, ForkServerFailed, node_environment
 from dni_mesh.live import LiveView
 from dni_mesh.topology import Topology, load_topology
@@ -65,6 +66,10 @@ class Interrupted(RuntimeError):
 
 class PortInUse(RuntimeError):
     """A node's port is taken on this machine; the message names the keys that move it."""
+
+
+class CannotResume(RuntimeError):
+    """A run folder cannot be resumed; the message says what is missing or changed."""
 
 
 def check_ports(topology: Topology) -> None:
@@ -126,10 +131,12 @@ def no_wrap(node: str, command: list[str]) -> list[str]:
 
 
 def node_arguments(topology: Topology, name: str, overrides: Sequence[str], control: str,
-                   run_dir: Path) -> list[str]:
+                   run_dir: Path, resume_at: int | None = None) -> list[str]:
     """The `dni-mesh` command line of a node: the same whether it is forked or executed."""
     arguments = ["node", str(topology.path), "--name", name, "--control", control,
                  "--run-dir", str(run_dir), "--plan", str(run_dir / PLAN_FILE)]
+    if resume_at is not None:
+        arguments += ["--resume", str(resume_at)]
     for override in overrides:
         arguments += ["--set", override]
     return arguments
@@ -146,7 +153,7 @@ class Launcher:
                  live: bool = True, wrap: Wrap = no_wrap, control_host: str = "127.0.0.1",
                  silence_s: float = SILENCE_S, stall_s: float = STALL_S, quiet: bool = False,
                  tensorboard: bool = False, forkserver: ForkServer | None = None,
-                 started: float | None = None):
+                 started: float | None = None, resume_at: int | None = None):
         self.board = None  # first: MissingExtra (no tensorboard package) before any socket opens
         if tensorboard:
             from dni_mesh.tensorboard import TensorBoardLog
@@ -156,6 +163,7 @@ class Launcher:
         self.run_dir = run_dir
         self.wrap = wrap
         self.forkserver = forkserver  # None: every node is a fresh interpreter (NodeStart.EXEC)
+        self.resume_at = resume_at  # every node resumes from its checkpoint saved before this seq
         self.started = time.monotonic() if started is None else started
         self.context = zmq.Context()
         # Linger 0: the launcher only answers Ends and sends Stops, and closes once every node
@@ -168,7 +176,7 @@ class Launcher:
         self.stall_s = stall_s
         self.view = LiveView(topology, enabled=live, quiet=quiet)
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics = (run_dir / "metrics.jsonl").open("w")
+        self.metrics = (run_dir / "metrics.jsonl").open("w" if resume_at is None else "a")
 
     def start(self) -> None:
         env = node_environment()
@@ -183,15 +191,16 @@ class Launcher:
             env["OMP_NUM_THREADS"] = str(spec.threads)
             log_path = self.run_dir / f"{name}.log"
             arguments = node_arguments(self.topology, name, self.overrides, self.inbox.address,
-                                       self.run_dir)
+                                       self.run_dir, self.resume_at)
+            append = self.resume_at is not None  # a resumed run continues its nodes' logs
             if self.forkserver is not None:
                 try:
-                    process = self.forkserver.start(arguments, env, log_path, Path.cwd())
+                    process = self.forkserver.start(arguments, env, log_path, Path.cwd(), append)
                 except ForkServerFailed as error:
                     raise NodeFailed(f"node {name} could not start: {error}") from None
             else:
                 command = self.wrap(name, [sys.executable, "-m", "dni_mesh.cli", *arguments])
-                with log_path.open("w") as log:
+                with log_path.open("a" if append else "w") as log:
                     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                                stdin=subprocess.DEVNULL, env=env,
                                                start_new_session=True)
@@ -331,7 +340,7 @@ def run(topology_path: str | Path, overrides: Sequence[str] = (), run_dir: Path 
         topology: Topology | None = None, control_host: str = "127.0.0.1",
         silence_s: float = SILENCE_S, stall_s: float = STALL_S, quiet: bool = False,
         tensorboard: bool = False, start: NodeStart = NodeStart.FORK,
-        forkserver: ForkServer | None = None) -> dict:
+        forkserver: ForkServer | None = None, resume_at: int | None = None) -> dict:
     """Run a whole mesh on this machine; returns (and optionally writes) the summary.
 
     The Python API of `dni-mesh run`: `live` shows the live table on a terminal, `quiet` prints
@@ -345,6 +354,9 @@ def run(topology_path: str | Path, overrides: Sequence[str] = (), run_dir: Path 
     `start` is how node processes start (`NodeStart`); a `wrap`ped command is always executed.
     `forkserver`: one already started (the CLI starts it before its own imports, so that they
     overlap); the caller closes it. Without one, run() starts and closes its own.
+
+    `resume_at`: continue the run in `run_dir` from every node's checkpoint saved before this
+    seq (`resume` finds it).
 
     `silence_s` and `stall_s` bound how long a node may send nothing and how long the mesh may
     make no progress before the run fails.
@@ -367,10 +379,12 @@ def run(topology_path: str | Path, overrides: Sequence[str] = (), run_dir: Path 
         if wrap is no_wrap:
             check_ports(topology)
         run_dir = run_dir or default_run_dir(topology)
+        if resume_at is not None:
+            check_same_plan(run_dir, topology)
         launcher = Launcher(topology, overrides, run_dir, live=live, wrap=wrap,
                             control_host=control_host, silence_s=silence_s, stall_s=stall_s,
                             quiet=quiet, tensorboard=tensorboard, forkserver=forkserver,
-                            started=started)
+                            started=started, resume_at=resume_at)
     except BaseException:
         if own:
             forkserver.close()
@@ -401,3 +415,54 @@ def run(topology_path: str | Path, overrides: Sequence[str] = (), run_dir: Path 
     if summary_path is not None:
         Path(summary_path).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def resume(run_dir: str | Path, overrides: Sequence[str] = (), **options) -> dict:
+    """Continue a stopped or failed run in its own folder, from the newest seq at which every
+    node saved a checkpoint; returns the summary of the part run now. The topology file and
+    overrides are the run's (run.json); `overrides` are added to them, and may change anything
+    but what decides shapes (refused: CannotResume). Other options as `run`'s."""
+    topology, overrides = resumed_topology(Path(run_dir), overrides)
+    return run(topology.path, overrides, run_dir=Path(run_dir), topology=topology,
+               resume_at=resume_point(Path(run_dir), topology), **options)
+
+
+def resumed_topology(run_dir: Path, overrides: Sequence[str] = ()) -> tuple[Topology, list[str]]:
+    """The topology a run folder ran (its run.json names the file and the overrides), loaded
+    with `overrides` added; and all the overrides."""
+    try:
+        saved = json.loads((run_dir / "run.json").read_text())
+        path, combined = Path(saved["topology"]), [*saved["overrides"], *overrides]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CannotResume(f"{run_dir}: not the folder of a `dni-mesh run` ({error})") from None
+    if not path.is_file():
+        raise CannotResume(f"{run_dir}: its topology file {path} is gone")
+    return load_topology(path, combined), combined
+
+
+def resume_point(run_dir: Path, topology: Topology) -> int:
+    """The newest seq before which every node of the topology saved a checkpoint."""
+    saved = {name: saved_seqs(run_dir, name) for name in topology.nodes}
+    missing = [name for name, seqs in saved.items() if not seqs]
+    if missing:
+        raise CannotResume(f"{run_dir}: no checkpoint of {', '.join(missing)} (a node saves "
+                           "every `checkpoint.every` seqs and after each evaluation)")
+    seq = min(seqs[0] for seqs in saved.values())
+    lacking = [f"{name} (has {', '.join(map(str, seqs))})" for name, seqs in saved.items()
+               if seq not in seqs]
+    if lacking:
+        raise CannotResume(f"{run_dir}: the newest checkpoint every node could share is before "
+                           f"seq {seq}, which {', '.join(lacking)} no longer has")
+    return seq
+
+
+def check_same_plan(run_dir: Path, topology: Topology) -> None:
+    """Refuse to resume a run whose file or overrides now give other shapes than it ran with."""
+    from dni_mesh.build import plan_digest
+    try:
+        digest = json.loads((run_dir / PLAN_FILE).read_text())["digest"]
+    except (OSError, ValueError, KeyError) as error:
+        raise CannotResume(f"{run_dir}: no readable {PLAN_FILE} ({error})") from None
+    if digest != plan_digest(topology):
+        raise CannotResume(f"{run_dir}: {topology.path} with these overrides has other nodes, "
+                           "edges or data than the run had; a resumed run keeps its shapes")

@@ -36,7 +36,8 @@ import zmq
 
 from dni_mesh import wire
 from dni_mesh.build import build_core, largest_tensor, node_plan
-from dni_mesh.core import Acknowledge, Action, Core, EndEdge, Record, Reject, Send, StageCore
+from dni_mesh.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from dni_mesh.core import Acknowledge, Action, Core, EndEdge, Record, Reject, Save, Send, StageCore
 from dni_mesh.link import Link, link_to
 from dni_mesh.topology import Topology
 from dni_mesh.transport import BLOCK, Envelope, Inbox, Peer, TransportConfig, TransportError
@@ -127,7 +128,7 @@ class Runtime:
     """
 
     def __init__(self, topology: Topology, name: str, control: str | None, run_dir: Path,
-                 stall_s: float = STALL_S):
+                 stall_s: float = STALL_S, resumed: bool = False):
         """Open the control connection and say Hello at once, so the launcher hears from the
         node while it builds its core; `connect` opens the mesh's sockets after that."""
         self.topology = topology
@@ -141,7 +142,8 @@ class Runtime:
         self.peers: dict[str, Peer | Link] = {}
         self.parent = os.getppid()
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics = (run_dir / f"{name}.jsonl").open("w")
+        self.run_dir = run_dir
+        self.metrics = (run_dir / f"{name}.jsonl").open("a" if resumed else "w")
         self.started = time.monotonic()
         self.last_report = 0.0
         self.next_beat = 0.0
@@ -243,6 +245,8 @@ class Runtime:
                 self.record(action.values, action.force)
             elif isinstance(action, Acknowledge):
                 self.inbox.send(action.node, wire.EndAck(action.end.edge, action.end.seq))
+            elif isinstance(action, Save):
+                save_checkpoint(self.run_dir, self.name, action.state, action.seq)
             elif isinstance(action, EndEdge):
                 if not self.peers[action.node].end(action.edge, action.count, END_TIMEOUT_MS):
                     raise RuntimeError(f"node {self.name}: no EndAck from {action.node} for "
@@ -281,17 +285,19 @@ class Runtime:
 
 def run_node(topology: Topology, name: str, control: str | None, run_dir: Path,
              kernel_bandwidth: bool = False, stall_s: float = STALL_S,
-             plan_path: Path | None = None) -> int:
+             plan_path: Path | None = None, resume_at: int | None = None) -> int:
     """Run one node to the end of its data; returns the process exit code. stall_s applies to a
     node without a launcher (control None); with one, the launcher watches progress. plan_path:
     the mesh's plan (`dni-mesh run` writes one), so that the node builds only its own module;
-    without it the node resolves the plan itself."""
+    without it the node resolves the plan itself. resume_at: start from the node's checkpoint
+    in run_dir saved before this seq (every node of the mesh must resume at the same one)."""
     torch.set_num_threads(topology.nodes[name].threads)
-    runtime = Runtime(topology, name, control, run_dir, stall_s)
+    runtime = Runtime(topology, name, control, run_dir, stall_s, resumed=resume_at is not None)
     status, code, core = "done", 0, None
     try:
         found = node_plan(topology, name, plan_path)
-        core = build_core(topology, name, time.monotonic, found)
+        resume = load_checkpoint(run_dir, name, resume_at).state if resume_at is not None else None
+        core = build_core(topology, name, time.monotonic, found, resume)
         runtime.connect(largest_tensor(topology, name, found), kernel_bandwidth)
         runtime.say(wire.Ready(name))
         runtime.execute(core.advance())
@@ -306,7 +312,7 @@ def run_node(topology: Topology, name: str, control: str | None, run_dir: Path,
         status, code = f"stopped: {stop}", 130
     except Stalled as stall:
         status, code = f"stalled: {stall}", 1
-    except Unbindable as error:
+    except (Unbindable, CheckpointError) as error:
         status, code = f"error: {error}", 2
         print(error, file=sys.stderr, flush=True)
         runtime.say(wire.Error(name, status))

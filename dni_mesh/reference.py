@@ -23,8 +23,8 @@ from torch import Tensor, nn
 
 from dni_mesh import wire
 from dni_mesh.build import Plan, build_core, make_stage, module_factory, output_spec, probe
-from dni_mesh.core import (Acknowledge, Action, Core, EndEdge, InEdge, OutEdge, Record, Reject, Send,
-                           StageCore, Wiring)
+from dni_mesh.core import (Acknowledge, Action, Core, EndEdge, InEdge, OutEdge, Record, Reject, Save,
+                           Send, StageCore, Wiring)
 from dni_mesh.stage import Stage
 from dni_mesh.synthetic import SyntheticGradientConfig
 from dni_mesh.topology import Topology
@@ -89,6 +89,7 @@ class Bus:
         self.cores = cores
         self.queue: deque[tuple[str, str, wire.Message]] = deque()
         self.records: list[tuple[str, Record]] = []
+        self.saves: list[tuple[str, Save]] = []  # checkpoints the cores asked for, kept in memory
         self.outside: list[tuple[str, str, wire.Message]] = []
 
     def post(self, node: str, peer: str, message: wire.Message) -> None:
@@ -116,6 +117,8 @@ class Bus:
                 self.post(action.node, node, wire.End(action.edge, action.count))
             elif isinstance(action, Record):
                 self.records.append((node, action))
+            elif isinstance(action, Save):
+                self.saves.append((node, action))
             elif isinstance(action, Reject):
                 raise RuntimeError(f"node {node} rejected a {action.kind} from {action.peer}: "
                                    f"{action.reason}")
@@ -231,13 +234,18 @@ class ChainTrainer:
 
 
 
-def train_in_process(topology: Topology, found: Plan | None = None) -> Bus:
+def train_in_process(topology: Topology, found: Plan | None = None,
+                     resume: dict[str, dict] | None = None) -> Bus:
     """Run the whole topology, every epoch and evaluation, as node cores on one Bus in this
-    process; returns the Bus, whose `records` hold every node's metrics. At window 1 every node
-    sees its events in the order it sees them in the mesh, so the numbers are the mesh's.
-    Raises RuntimeError naming what each node waits for if the run cannot finish."""
+    process; returns the Bus, whose `records` hold every node's metrics and `saves` its
+    checkpoints. At window 1 every node sees its events in the order it sees them in the mesh,
+    so the numbers are the mesh's. `resume`: per node, a checkpoint's state to start from (all
+    saved before the same seq). Raises RuntimeError naming what each node waits for if the run
+    cannot finish."""
     found = found or probe(topology)
-    bus = Bus({name: build_core(topology, name, time.monotonic, found) for name in topology.nodes})
+    resume = resume or {}
+    bus = Bus({name: build_core(topology, name, time.monotonic, found, resume.get(name))
+               for name in topology.nodes})
     bus.start()
     bus.run()
     if not all(core.finished for core in bus.cores.values()):

@@ -104,6 +104,7 @@ class Topology:
     hosts: dict[str, HostSpec]
     links: dict[str, LinkSpec]  # by EdgeSpec.name, one for every edge
     transport: dict[str, Any]  # keyword arguments for TransportConfig
+    checkpoint: dict[str, Any]  # keyword arguments for dni_mesh.checkpoint.CheckpointPolicy
     path: Path  # the file, absolute
     root: Path  # its folder: import paths resolve against it
     raw: RawTopology | None = field(default=None, repr=False, compare=False)  # for `error`
@@ -169,7 +170,7 @@ def load_topology(path: str | Path, overrides: Sequence[str] = (), *,
         name=top.name or file_path.stem, mode=top.mode, seed=top.seed,
         data=_data_spec(top.data, file_path.parent), nodes=nodes, edges=edges, hosts=hosts,
         links=_links(raw, top.links, edges), transport=_transport(raw, top.transport),
-        path=file_path, root=file_path.parent, raw=raw)
+        checkpoint=top.checkpoint.model_dump(), path=file_path, root=file_path.parent, raw=raw)
     if check_imports:
         _check_imports(raw, topology)
     return topology

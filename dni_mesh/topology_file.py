@@ -136,6 +136,12 @@ class EdgeFile(_Strict):
     mode: Mode | None = None  # None: the mesh-wide mode
 
 
+class CheckpointFile(_Strict):
+    """When each node saves its state (dni_mesh.checkpoint.CheckpointPolicy)."""
+    every: Annotated[int, Field(ge=0)] = 200  # seqs between saves; 0: only after evaluations
+    at_evaluation: bool = True
+
+
 class TopologyFile(_Strict):
     """The top level. Sections whose entries need their own key in errors stay raw here."""
 
@@ -145,6 +151,7 @@ class TopologyFile(_Strict):
     data: DataFile
     defaults: dict[str, Any] = Field(default_factory=dict)
     transport: dict[str, Any] = Field(default_factory=dict)
+    checkpoint: CheckpointFile = Field(default_factory=CheckpointFile)
     links: dict[str, dict[str, Any]] = Field(default_factory=dict)
     nodes: dict[str, dict[str, Any]]
     edges: list[Any]

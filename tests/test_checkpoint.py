@@ -42,17 +42,17 @@ def assert_identical(a, b, where="state") -> None:
         assert a == b, where
 
 
-def frame(payload: bytes, step: int, version: int = VERSION) -> bytes:
+def frame(payload: bytes, seq: int, version: int = VERSION) -> bytes:
     """A checkpoint file written by hand from the documented format."""
-    header = HEADER.pack(MAGIC, version, step, len(payload))
+    header = HEADER.pack(MAGIC, version, seq, len(payload))
     return header + payload + hashlib.sha256(header + payload).digest()
 
 
 def test_a_node_state_round_trips_bit_identically(tmp_path):
     state = node_state()
-    path = save_checkpoint(tmp_path, "c1", state, step=3)
+    path = save_checkpoint(tmp_path, "c1", state, seq=3)
     loaded = load_checkpoint(tmp_path, "c1")
-    assert (loaded.path, loaded.step) == (path, 3) and path.name == "c1.ckpt"
+    assert (loaded.path, loaded.seq) == (path, 3) and path.name == "c1.ckpt"
     assert_identical(state, loaded.state)
     restored = make_stage("cdni", hidden=1, seed=99)
     restored.load_state_dict(loaded.state["stage"])
@@ -63,7 +63,7 @@ def test_a_node_state_round_trips_bit_identically(tmp_path):
 
 def test_a_write_that_fails_halfway_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     state = node_state()
-    good = save_checkpoint(tmp_path, "c1", state, step=1)
+    good = save_checkpoint(tmp_path, "c1", state, seq=1)
     room = good.stat().st_size // 2
 
     class FullDisk(io.FileIO):
@@ -77,9 +77,9 @@ def test_a_write_that_fails_halfway_leaves_the_previous_checkpoint(tmp_path, mon
 
     monkeypatch.setattr(checkpoint, "open", lambda path, mode: FullDisk(path, "w"), raising=False)
     with pytest.raises(OSError, match="No space left"):
-        save_checkpoint(tmp_path, "c1", state, step=2)
+        save_checkpoint(tmp_path, "c1", state, seq=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c1.ckpt"]  # no partial file left anywhere
-    assert load_checkpoint(tmp_path, "c1").step == 1
+    assert load_checkpoint(tmp_path, "c1").seq == 1
 
 
 DAMAGE = {
@@ -96,12 +96,12 @@ DAMAGE = {
 def test_a_bad_newest_checkpoint_falls_back_to_the_previous_then_is_named(tmp_path, caplog, damage):
     spoil, reason = DAMAGE[damage]
     state = node_state()
-    save_checkpoint(tmp_path, "c1", state, step=1)
-    newest = save_checkpoint(tmp_path, "c1", state, step=2)
+    save_checkpoint(tmp_path, "c1", state, seq=1)
+    newest = save_checkpoint(tmp_path, "c1", state, seq=2)
     newest.write_bytes(spoil(newest.read_bytes()))
     with caplog.at_level(logging.WARNING, logger=checkpoint.__name__):
         loaded = load_checkpoint(tmp_path, "c1")
-    assert loaded.step == 1 and loaded.path == tmp_path / "c1.prev.ckpt"
+    assert loaded.seq == 1 and loaded.path == tmp_path / "c1.prev.ckpt"
     assert f"{newest}: {reason}" in caplog.text
     assert_identical(state, loaded.state)
     previous = tmp_path / "c1.prev.ckpt"
@@ -114,9 +114,9 @@ def test_a_bad_newest_checkpoint_falls_back_to_the_previous_then_is_named(tmp_pa
 
 def test_a_missing_newest_checkpoint_falls_back_to_the_previous(tmp_path):
     """A crash between the two renames of a save leaves only the previous file."""
-    save_checkpoint(tmp_path, "c1", {"w": torch.ones(2)}, step=1)
-    save_checkpoint(tmp_path, "c1", {"w": torch.zeros(2)}, step=2).unlink()
-    assert load_checkpoint(tmp_path, "c1").step == 1
+    save_checkpoint(tmp_path, "c1", {"w": torch.ones(2)}, seq=1)
+    save_checkpoint(tmp_path, "c1", {"w": torch.zeros(2)}, seq=2).unlink()
+    assert load_checkpoint(tmp_path, "c1").seq == 1
 
 
 def test_a_pickle_that_runs_code_is_refused_and_never_run(tmp_path):
@@ -129,16 +129,16 @@ def test_a_pickle_that_runs_code_is_refused_and_never_run(tmp_path):
     buffer = io.BytesIO()
     torch.save({"module": Exploit()}, buffer)
     payload = buffer.getvalue()
-    newest = save_checkpoint(tmp_path, "c1", {"w": torch.ones(2)}, step=1)
+    newest = save_checkpoint(tmp_path, "c1", {"w": torch.ones(2)}, seq=1)
     with pytest.raises(CheckpointError, match=re.escape("refused by torch.load(weights_only=True)")):
-        save_checkpoint(tmp_path, "c1", {"module": Exploit()}, step=2)
-    assert load_checkpoint(tmp_path, "c1").step == 1  # the refused state replaced nothing
+        save_checkpoint(tmp_path, "c1", {"module": Exploit()}, seq=2)
+    assert load_checkpoint(tmp_path, "c1").seq == 1  # the refused state replaced nothing
     for content, reason in ((payload, "not a dni_mesh checkpoint"),
                             (frame(payload, 3), "refused by torch.load(weights_only=True)")):
-        for step in (1, 2):
-            save_checkpoint(tmp_path, "c1", {"w": torch.ones(2)}, step)
+        for seq in (1, 2):
+            save_checkpoint(tmp_path, "c1", {"w": torch.ones(2)}, seq)
         newest.write_bytes(content)
-        assert load_checkpoint(tmp_path, "c1").step == 1
+        assert load_checkpoint(tmp_path, "c1").seq == 1
         (tmp_path / "c1.prev.ckpt").write_bytes(content)
         with pytest.raises(CheckpointError, match=re.escape(f"{newest}: {reason}")):
             load_checkpoint(tmp_path, "c1")
@@ -147,12 +147,12 @@ def test_a_pickle_that_runs_code_is_refused_and_never_run(tmp_path):
     assert marker.exists()
 
 
-def test_the_policy_saves_every_n_steps_and_at_evaluations():
+def test_the_policy_saves_every_n_seqs_and_at_evaluations():
     assert [s for s in range(10) if CheckpointPolicy(every=3).due(s)] == [3, 6, 9]
     assert CheckpointPolicy(every=3).due(4, evaluation=True)
     assert not CheckpointPolicy(every=3, at_evaluation=False).due(4, evaluation=True)
     assert not any(CheckpointPolicy(every=0).due(s) for s in range(10))
-    with pytest.raises(ValueError, match="every -1 steps"):
+    with pytest.raises(ValueError, match="every -1 seqs"):
         CheckpointPolicy(every=-1)
 
 

@@ -1,0 +1,81 @@
+"""End-to-end faults with real node processes: a run stopped by SIGINT and continued with
+`dni-mesh run --resume` ends exactly where the same run uninterrupted ends (window 1: every
+node resumes from the same cut, so nothing differs), and what cannot be resumed is refused."""
+
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+
+import dni_mesh
+from test_mesh import DATA, chain, wait_for, write
+
+pytestmark = pytest.mark.skipif(not (DATA / "mnist").is_dir(),
+                                reason=f"MNIST not found under {DATA} (set DNI_MESH_DATA)")
+
+
+def slow_chain() -> dict:
+    """Long enough (a 3 ms link on every edge) to be interrupted after its first checkpoints."""
+    topology = chain("dni")
+    topology["data"].update(epochs=3, limit=None, eval_every=1, batch_size=32,
+                            args={"limit": 2048})
+    topology["checkpoint"] = {"every": 16}
+    topology["links"] = {"default": {"delay_ms": 3}}
+    return topology
+
+
+def cli(*arguments: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dni_mesh.cli", *arguments], text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
+
+
+@pytest.mark.timeout(300)
+def test_a_run_interrupted_and_resumed_ends_as_the_uninterrupted_run(tmp_path):
+    path = write(tmp_path, slow_chain())
+    whole = dni_mesh.run(path, run_dir=tmp_path / "whole", quiet=True)
+
+    run_dir = tmp_path / "run"
+    launcher = subprocess.Popen([sys.executable, "-m", "dni_mesh.cli", "run", str(path),
+                                 "--run-dir", str(run_dir), "--no-live"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: (run_dir / "head.ckpt").exists(), 120, "the head's first checkpoint")
+        launcher.send_signal(signal.SIGINT)
+        assert launcher.wait(timeout=60) == 130, launcher.stdout.read()
+    finally:
+        launcher.kill()
+    steps = [json.loads(line) for line in (run_dir / "head.jsonl").read_text().splitlines()]
+    stopped_at = max(r["step"] for r in steps if r["event"] == "step")
+    assert stopped_at < whole["nodes"]["head"]["steps"]  # it was stopped mid-run
+
+    resumed = cli("run", "--resume", str(run_dir), "--no-live", "--summary",
+                  str(tmp_path / "summary.json"))
+    assert resumed.returncode == 0, resumed.stdout
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["test_accuracy"] == pytest.approx(whole["test_accuracy"], abs=1e-9)
+    assert summary["nodes"]["head"]["steps"] == whole["nodes"]["head"]["steps"]
+    records = [json.loads(line) for line in (run_dir / "head.jsonl").read_text().splitlines()]
+    assert len([r for r in records if r["event"] == "final"]) == 2  # one log, both parts
+
+
+@pytest.mark.timeout(120)
+def test_resume_refuses_a_folder_without_checkpoints_and_shape_changes(tmp_path):
+    topology = chain("dni")
+    topology["checkpoint"] = {"every": 0, "at_evaluation": False}
+    topology["data"]["eval_every"] = 0
+    path = write(tmp_path, topology)
+    dni_mesh.run(path, run_dir=tmp_path / "run", quiet=True)
+    refused = cli("run", "--resume", str(tmp_path / "run"))
+    assert refused.returncode == 2
+    assert "cannot resume" in refused.stdout and "no checkpoint of source, l1, l2, head" in refused.stdout
+
+    topology["checkpoint"] = {"every": 8}
+    dni_mesh.run(write(tmp_path, topology), run_dir=tmp_path / "saved", quiet=True)
+    changed = cli("run", "--resume", str(tmp_path / "saved"), "--set", "nodes.l1.args.d_out=31",
+                  "--set", "nodes.l2.args.d_in=31")
+    assert changed.returncode == 2
+    assert "a resumed run keeps its shapes" in changed.stdout, changed.stdout
+    both = cli("run", str(path), "--resume", str(tmp_path / "saved"))
+    assert both.returncode == 2 and "not both" not in both.stdout and "--resume RUN_DIR" in both.stdout
