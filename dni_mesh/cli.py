@@ -96,9 +96,13 @@ def parser() -> argparse.ArgumentParser:
                       help="the network shapes bandwidth between hosts (set by --hosts netns)")
     node.add_argument("--plan", type=Path, help="the mesh's plan (set by `dni-mesh run`); "
                       "without it the node dry-runs every module to find the shapes")
-    node.add_argument("--resume", type=int, metavar="SEQ",
-                      help="start from this node's checkpoint in --run-dir saved before seq SEQ "
-                           "(every node of the mesh resumes at the same SEQ)")
+    restart = node.add_mutually_exclusive_group()
+    restart.add_argument("--resume", type=int, metavar="SEQ",
+                         help="start from this node's checkpoint in --run-dir saved before seq "
+                              "SEQ (every node of the mesh resumes at the same SEQ)")
+    restart.add_argument("--rejoin", action="store_true",
+                         help="this node died while its mesh runs on: start from its newest "
+                              "checkpoint in --run-dir (or from scratch) and rejoin its neighbours")
     return p
 
 
@@ -140,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         from dni_mesh.node import run_node
         return run_node(topology, args.name, args.control, args.run_dir, args.kernel_bandwidth,
                         **_given(stall_s=args.stall_timeout, plan_path=args.plan,
-                                 resume_at=args.resume))
+                                 resume_at=args.resume), rejoin=args.rejoin)
     forkserver = None
     if args.command == "run" and args.start == "fork" and args.hosts == "local":
         from dni_mesh.forkserver import ForkServer, node_environment

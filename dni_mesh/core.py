@@ -13,8 +13,14 @@ waiting for an answer from every consumer (a Gradient, or a bare credit when no 
 due). A consumer answers each activation exactly once, so an in-edge never carries more than
 its producer's window of seqs beyond the consumer's next step: that range is all it accepts.
 Steps are numbered by seq, the source's batch counter, the same on every edge, for train and
-eval batches alike. End(edge, count) closes an edge once every output on it was answered; the
-consumer acknowledges it only when count is what arrived.
+eval batches alike. End(edge, position) closes an edge once every output on it was answered; the
+consumer acknowledges it only when position is where the edge got to.
+
+A node restarted from its checkpoint rejoins a running mesh (`rejoin`): it tells every
+neighbour, each neighbour expires what it had in flight with it and answers with its position
+on the edge, and the node resumes at the furthest of them. What was in flight is lost, never
+waited for: a producer counts it `expired`, and a consumer skips the seqs its producer will
+never send (answering the other producers of those seqs with bare credits).
 """
 from __future__ import annotations
 
@@ -120,6 +126,7 @@ class Counters:
     samples: int = 0
     unexpected: int = 0    # valid messages of a kind a node does not take
     rejected: int = 0      # messages of a kind it takes that do not fit its wiring or state
+    expired: int = 0       # steps or messages lost to a restart (this node's or a neighbour's)
     progress: int = 0
 
 
@@ -139,7 +146,7 @@ class Outputs:
         self.wiring = wiring
         self.edges = {edge.name: edge for edge in wiring.outputs}
         self.pending: dict[int, InFlight] = {}
-        self.sent = 0  # per out-edge: every output goes down every out-edge
+        self.sent = 0  # the position of every out-edge: one past the last seq sent down it
 
     def full(self) -> bool:
         return len(self.pending) >= self.wiring.window
@@ -148,7 +155,7 @@ class Outputs:
         h = h.detach().cpu()
         labels = labels.cpu() if labels is not None else None
         self.pending[seq] = InFlight(phase, tuple(h.shape), set(self.edges))
-        self.sent += 1
+        self.sent = seq + 1
         return [Send(edge.dst, wire.Activation(edge.name, seq, h, labels, phase))
                 for edge in self.edges.values()]
 
@@ -164,8 +171,6 @@ class Outputs:
         if entry is None or edge.name not in entry.waiting:
             return f"no output seq {message.seq} on {edge.name} waits for an answer"
         dh = message.dh
-        if dh is None and entry.phase == "train" and self.wiring.trains:
-            return f"seq {message.seq} on {edge.name} is a training output: it needs its gradient"
         if dh is not None:
             if entry.phase != "train" or not self.wiring.trains:
                 return f"seq {message.seq} on {edge.name} takes a bare credit, not a gradient"
@@ -178,6 +183,16 @@ class Outputs:
         if entry.waiting:
             return None
         return self.pending.pop(message.seq)
+
+    def expire(self, edge: str) -> list[tuple[int, InFlight]]:
+        """Stop waiting for edge's consumer (it restarted): the entries that no longer wait for
+        anyone, to complete with what the other consumers answered."""
+        done = []
+        for seq, entry in list(self.pending.items()):
+            entry.waiting.discard(edge)
+            if not entry.waiting:
+                done.append((seq, self.pending.pop(seq)))
+        return done
 
     def waiting_for(self) -> str:
         if not self.pending:
@@ -257,11 +272,27 @@ class Core:
         self.train_clock = TrainClock()
         self.finished = False
         self.last_phase = "train"  # of the seq before the next one
+        self.rejoining: set[str] = set()  # edges whose neighbour has not told us its position
+        self.positions: dict[str, int] = {}  # what they told us
+        self.resume_seq = 0  # where this node's checkpoint would resume
 
     def receive(self, peer: str, message: wire.Message) -> list[Action]:
         """Take one message from peer (the transport's identity of the sender); the actions
         that follow, including any steps the message made possible."""
+        if isinstance(message, wire.Rejoin):
+            result = self.take_rejoin(peer, message)
+            if not isinstance(result, str):
+                return result
+            self.counters.rejected += 1
+            return [Reject(peer, message.KIND, result)]
+        edge = getattr(message, "edge", None)
+        if edge in self.rejoining and self.side(peer, edge) is not None:
+            self.counters.expired += 1  # meant for this node's previous process
+            return []
         if isinstance(message, wire.Activation):
+            late = self.take_late(peer, message)
+            if late is not None:
+                return late
             problem = self.take_activation(peer, message)
         elif isinstance(message, wire.Gradient):
             answered = self.outputs.answer(peer, message)
@@ -284,6 +315,61 @@ class Core:
 
     def take_activation(self, peer: str, message: wire.Activation) -> str | None:
         return f"node {self.wiring.node} has no in-edges"
+
+    def take_late(self, peer: str, message: wire.Activation) -> list[Action] | None:
+        """An activation of a seq this node skipped when it or a neighbour rejoined, answered
+        with a bare credit at once; None for any other."""
+        return None
+
+    def side(self, peer: str, edge: str) -> str | None:
+        """"out" or "in" when edge joins this node to peer, else None."""
+        out = self.outputs.edges.get(edge)
+        return "out" if out is not None and out.dst == peer else None
+
+    def rejoin(self, checkpoint_seq: int) -> list[Action]:
+        """This node was restarted (from its checkpoint saved before checkpoint_seq, or from
+        scratch at 0): ask every neighbour where it stands; nothing moves until all answer."""
+        self.resume_seq = checkpoint_seq
+        edges = [(edge.dst, edge.name) for edge in self.outputs.edges.values()] + self.in_edges()
+        self.rejoining = {name for _, name in edges}
+        return [Send(node, wire.Rejoin(name, checkpoint_seq)) for node, name in edges]
+
+    def in_edges(self) -> list[tuple[str, str]]:
+        return []
+
+    def take_rejoin(self, peer: str, message: wire.Rejoin) -> list[Action] | str:
+        side = self.side(peer, message.edge)
+        if side is None:
+            return f"{message.edge!r} is no edge between {self.wiring.node} and this peer"
+        if message.edge in self.rejoining:  # a neighbour's answer to our own rejoin
+            self.rejoining.discard(message.edge)
+            self.positions[message.edge] = message.seq
+            if self.rejoining:
+                return []
+            seq = max([self.resume_seq, *self.positions.values()])
+            actions = self.resume_at(seq)
+            return [Record({"event": "rejoined", "seq": seq, "checkpoint_seq": self.resume_seq,
+                            "steps": self.counters.steps}, force=True), *actions, *self.advance()]
+        before = self.counters.expired
+        if side == "out":  # its consumer restarted: what it owed us will never come
+            actions, position = [], self.outputs.sent
+            for seq, entry in self.outputs.expire(message.edge):
+                self.counters.expired += 1
+                actions += self.learn(seq, entry)
+        else:
+            actions, position = [], self.reopen(message.edge)
+        return [*actions, Send(peer, wire.Rejoin(message.edge, position)),
+                Record({"event": "peer_rejoined", "peer": peer,
+                        "expired": self.counters.expired - before}, force=True), *self.advance()]
+
+    def reopen(self, edge: str) -> int:
+        """Its producer restarted: the position to tell it; it may skip ahead of it."""
+        raise NotImplementedError
+
+    def resume_at(self, seq: int) -> list[Action]:
+        """Every neighbour answered this node's rejoin: go on from seq."""
+        self.outputs.sent = seq
+        return []
 
     def take_end(self, peer: str, message: wire.End) -> str | None:
         return f"node {self.wiring.node} has no in-edges"
@@ -358,7 +444,7 @@ class SourceCore(Core):
 
     def advance(self) -> list[Action]:
         actions: list[Action] = []
-        while not self.exhausted and not self.outputs.full():
+        while not self.exhausted and not self.outputs.full() and not self.rejoining:
             item = next(self.data, None)
             if item is None:
                 self.exhausted = True
@@ -396,6 +482,19 @@ class SourceCore(Core):
             return self.outputs.waiting_for()
         return "nothing (sending)"
 
+    def resume_at(self, seq: int) -> list[Action]:
+        """Skip the batches before seq: the mesh went on without them while this node was down."""
+        while self.seq < seq and not self.exhausted:
+            item = next(self.data, None)
+            if item is None:
+                self.exhausted = True
+                break
+            self.taken += 1
+            if isinstance(item, Batch):
+                self.seq += 1
+                self.counters.expired += 1
+        return super().resume_at(seq)
+
     def state_dict(self) -> dict:
         return {**super().state_dict(), "seq": self.seq, "taken": self.taken}
 
@@ -416,10 +515,14 @@ class StageCore(Core):
         self.stage = stage
         self.inputs = {edge.name: edge for edge in wiring.inputs}
         self.arrived: dict[int, dict[str, wire.Activation]] = {}
-        self.accepted = dict.fromkeys(self.inputs, 0)  # activations taken per in-edge
+        self.accepted = dict.fromkeys(self.inputs, 0)  # position per in-edge: next seq expected
         self.ended: set[str] = set()
         self.next_seq = 0
         self.eval = EvalPass()
+        self.jumps: set[str] = set()  # in-edges whose producer rejoined and may skip ahead
+        self.skipped: set[int] = set()  # seqs that will never be joined (a producer skipped them)
+        self.late: dict[str, int] = {}  # in-edge -> seqs below this are answered, not stepped
+        self.backlog: list[Action] = []  # answers owed for skipped seqs, sent at the next advance
 
     def open_edge(self, peer: str, name: str) -> InEdge | str:
         """The in-edge a message names, if peer is its producer and it has not ended; else why not."""
@@ -436,7 +539,12 @@ class StageCore(Core):
         edge = self.open_edge(peer, act.edge)
         if isinstance(edge, str):
             return edge
-        if not self.next_seq <= act.seq < self.next_seq + edge.window:
+        if edge.name in self.jumps and act.seq >= self.accepted[edge.name]:
+            # Its producer rejoined at act.seq: the seqs before it will never come on this edge.
+            self.jumps.discard(edge.name)
+            self.skip(range(self.accepted[edge.name], act.seq))
+            self.accepted[edge.name] = act.seq
+        elif not self.next_seq <= act.seq < self.next_seq + edge.window:
             return (f"seq {act.seq} on {edge.name} is outside the window "
                     f"[{self.next_seq}, {self.next_seq + edge.window})")
         for name in self.ended:
@@ -493,12 +601,56 @@ class StageCore(Core):
     def ready(self) -> bool:
         return len(self.arrived.get(self.next_seq, ())) == len(self.inputs)
 
+    def side(self, peer: str, edge: str) -> str | None:
+        inbound = self.inputs.get(edge)
+        return "in" if inbound is not None and inbound.src == peer else super().side(peer, edge)
+
+    def in_edges(self) -> list[tuple[str, str]]:
+        return [(edge.src, edge.name) for edge in self.inputs.values()]
+
+    def skip(self, seqs: range) -> None:
+        """These seqs will never be joined: answer what other edges brought of them (bare
+        credits) and step over them."""
+        for seq in seqs:
+            self.counters.expired += 1
+            for act in self.arrived.pop(seq, {}).values():
+                self.backlog.append(Send(self.inputs[act.edge].src, wire.Gradient(act.edge, seq)))
+        self.skipped.update(seqs)
+
+    def pass_skipped(self) -> None:
+        while self.next_seq in self.skipped:
+            self.skipped.discard(self.next_seq)
+            self.next_seq += 1
+
+    def take_late(self, peer: str, act: wire.Activation) -> list[Action] | None:
+        edge = self.inputs.get(act.edge)
+        if edge is None or edge.src != peer or act.seq != self.accepted[edge.name] or not (
+                act.seq in self.skipped or act.seq < self.late.get(edge.name, 0)):
+            return None
+        self.accepted[edge.name] += 1
+        self.counters.expired += 1
+        return [Send(peer, wire.Gradient(act.edge, act.seq))]
+
+    def reopen(self, edge: str) -> int:
+        self.jumps.add(edge)
+        return self.accepted[edge]
+
+    def resume_at(self, seq: int) -> list[Action]:
+        """Producers below seq send what this node answers without stepping (`take_late`)."""
+        self.next_seq = seq
+        for name in self.inputs:
+            self.accepted[name] = min(self.positions[name], seq)
+            self.late[name] = seq
+        return super().resume_at(seq)
+
     def advance(self) -> list[Action]:
-        actions: list[Action] = []
-        while self.ready() and not self.outputs.full():
+        actions, self.backlog = self.backlog, []
+        self.pass_skipped()
+        while self.ready() and not self.outputs.full() and not self.rejoining:
             arrived = self.arrived.pop(self.next_seq)
             actions += self.step(self.next_seq, [arrived[name] for name in self.inputs])
             self.next_seq += 1
+            self.pass_skipped()
         done = len(self.ended) == len(self.inputs) and not self.arrived and not self.outputs.pending
         if done and not self.finished:
             self.finished = True
@@ -542,9 +694,14 @@ class StageCore(Core):
         return self.outputs.send(seq, result.output, labels, phase)
 
     def learn(self, seq: int, entry: InFlight) -> list[Action]:
-        """All consumers answered a training output: fit the synthesizer or do the locked update."""
-        if entry.phase != "train" or entry.grad is None:
+        """All consumers answered a training output: fit the synthesizer or do the locked update.
+        With no gradient at all (its consumers restarted) the step is forgotten, and a step
+        that still owed its input gradients answers its producers with bare credits."""
+        if entry.phase != "train":
             return []
+        if entry.grad is None:
+            self.counters.expired += 1
+            return self.reply(seq, None) if self.stage.forget(seq) else []
         result = self.stage.backward(seq, entry.grad)
         actions = self.reply(seq, result.input_grads) if result.input_grads is not None else []
         if result.sg_loss is not None:

@@ -84,7 +84,7 @@ class Console:
 
     def record(self, values: dict, now: float) -> None:
         event = values.get("event")
-        if event not in ("step", "eval", "epoch", "final"):
+        if event not in ("step", "eval", "epoch", "final", "rejoined", "peer_rejoined"):
             return
         if event == "step":
             if now - self.last_print < PRINT_S:
@@ -285,21 +285,29 @@ class Runtime:
 
 def run_node(topology: Topology, name: str, control: str | None, run_dir: Path,
              kernel_bandwidth: bool = False, stall_s: float = STALL_S,
-             plan_path: Path | None = None, resume_at: int | None = None) -> int:
+             plan_path: Path | None = None, resume_at: int | None = None,
+             rejoin: bool = False) -> int:
     """Run one node to the end of its data; returns the process exit code. stall_s applies to a
     node without a launcher (control None); with one, the launcher watches progress. plan_path:
     the mesh's plan (`dni-mesh run` writes one), so that the node builds only its own module;
     without it the node resolves the plan itself. resume_at: start from the node's checkpoint
-    in run_dir saved before this seq (every node of the mesh must resume at the same one)."""
+    in run_dir saved before this seq (every node of the mesh must resume at the same one).
+    rejoin: this node died and was restarted while the mesh runs on: start from its newest
+    checkpoint in run_dir (or from scratch) and rejoin its neighbours where they are."""
     torch.set_num_threads(topology.nodes[name].threads)
-    runtime = Runtime(topology, name, control, run_dir, stall_s, resumed=resume_at is not None)
+    runtime = Runtime(topology, name, control, run_dir, stall_s,
+                      resumed=resume_at is not None or rejoin)
     status, code, core = "done", 0, None
     try:
         found = node_plan(topology, name, plan_path)
-        resume = load_checkpoint(run_dir, name, resume_at).state if resume_at is not None else None
-        core = build_core(topology, name, time.monotonic, found, resume)
+        checkpoint = (load_checkpoint(run_dir, name, resume_at)
+                      if resume_at is not None or rejoin else None)
+        core = build_core(topology, name, time.monotonic, found,
+                          checkpoint.state if checkpoint is not None else None)
         runtime.connect(largest_tensor(topology, name, found), kernel_bandwidth)
         runtime.say(wire.Ready(name))
+        if rejoin:
+            runtime.execute(core.rejoin(checkpoint.seq if checkpoint is not None else 0))
         runtime.execute(core.advance())
         while not core.finished:
             envelope = runtime.recv()

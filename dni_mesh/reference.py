@@ -102,12 +102,16 @@ class Bus:
     def run(self) -> None:
         """Deliver until nothing is left to deliver."""
         while self.queue:
-            node, peer, message = self.queue.popleft()
-            core = self.cores.get(node)
-            if core is None:
-                self.outside.append((node, peer, message))
-            else:
-                self.carry_out(node, core.receive(peer, message))
+            self.deliver()
+
+    def deliver(self) -> None:
+        """Deliver the oldest message."""
+        node, peer, message = self.queue.popleft()
+        core = self.cores.get(node)
+        if core is None:
+            self.outside.append((node, peer, message))
+        else:
+            self.carry_out(node, core.receive(peer, message))
 
     def carry_out(self, node: str, actions: list[Action]) -> None:
         for action in actions:

@@ -161,6 +161,12 @@ class Stage:
         input_grads = self.backpropagate(entry.inputs, entry.needs_grad, grad) if entry.inputs else None
         return BackwardResult(input_grads=input_grads, sg_loss=sg_loss)
 
+    def forget(self, seq: int) -> bool:
+        """Drop step seq, whose gradient will never come (its consumer restarted); True when it
+        still owed its input gradients (locked rules, backprop targets), which are never sent."""
+        entry = self.pending.pop(seq, None)
+        return entry is not None and bool(entry.inputs)
+
     def head_step(self, leaves: list[Tensor], labels: Tensor | None) -> StepResult:
         if labels is None:
             raise ValueError(f"head stage {self.name} needs labels to train")

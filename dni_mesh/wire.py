@@ -241,7 +241,8 @@ class Stop(_Message):
 
 @dataclass(frozen=True)
 class End(_Message):
-    """No more messages on this edge; seq counts the messages sent on it before End."""
+    """No more messages on this edge; seq is the position after them: one past the last seq
+    sent on it (the number sent, unless the edge skipped seqs when a node rejoined)."""
 
     KIND = "end"
     FIELDS = (("edge", _text), ("seq", _count))
@@ -260,6 +261,18 @@ class EndAck(_Message):
 
 
 @dataclass(frozen=True)
+class Rejoin(_Message):
+    """A restarted node and each neighbour tell each other where they stand on an edge: the
+    restarted node sends the seq its checkpoint resumes at; a neighbour answers with its
+    position (a producer: the next seq it will send; a consumer: the next seq it expects)."""
+
+    KIND = "rejoin"
+    FIELDS = (("edge", _text), ("seq", _count))
+    edge: str
+    seq: int
+
+
+@dataclass(frozen=True)
 class Error(_Message):
     """A node reports a failure (to the launcher) as text."""
 
@@ -269,9 +282,11 @@ class Error(_Message):
     text: str
 
 
-Message = Union[Activation, Gradient, Hello, Ready, Heartbeat, Metrics, Stop, End, EndAck, Error]
+Message = Union[Activation, Gradient, Hello, Ready, Heartbeat, Metrics, Stop, End, EndAck,
+                Rejoin, Error]
 KINDS: dict[str, type[_Message]] = {
-    cls.KIND: cls for cls in (Activation, Gradient, Hello, Ready, Heartbeat, Metrics, Stop, End, EndAck, Error)
+    cls.KIND: cls for cls in (Activation, Gradient, Hello, Ready, Heartbeat, Metrics, Stop, End,
+                              EndAck, Rejoin, Error)
 }
 
 

@@ -69,6 +69,7 @@ def _valid() -> list[tuple[str, str, wire.Message]]:
         ("stop", "stop", wire.Stop("launcher", "epochs done")),
         ("end", "end of the edge after 600 messages", wire.End("l1->l2", 600)),
         ("end_ack", "end_ack answering that end", wire.EndAck("l1->l2", 600)),
+        ("rejoin", "rejoin: a restarted l2 resumes its checkpoint at seq 400", wire.Rejoin("l1->l2", 400)),
         ("error", "error report (UTF-8 text)", wire.Error("l2", "CUDA out of memory — batch 256")),
     ]
 

@@ -79,3 +79,37 @@ def test_resume_refuses_a_folder_without_checkpoints_and_shape_changes(tmp_path)
     assert "a resumed run keeps its shapes" in changed.stdout, changed.stdout
     both = cli("run", str(path), "--resume", str(tmp_path / "saved"))
     assert both.returncode == 2 and "not both" not in both.stdout and "--resume RUN_DIR" in both.stdout
+
+
+@pytest.mark.timeout(300)
+def test_a_hand_started_node_killed_and_restarted_with_rejoin_lets_the_mesh_finish(tmp_path):
+    """Nodes started as `dni-mesh node` with no launcher: l2 is killed mid-run and started again
+    with --rejoin; it resumes from its checkpoint, its neighbours expire what was in flight,
+    and every node reaches the end of the data and exits 0."""
+    topology = slow_chain()
+    topology["defaults"]["window"] = 3
+    path = write(tmp_path, topology)
+    run_dir = tmp_path / "run"
+
+    def start(name: str, *extra: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "dni_mesh.cli", "node", str(path), "--name",
+                                 name, "--run-dir", str(run_dir), "--stall-timeout", "60", *extra],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    nodes = {name: start(name) for name in topology["nodes"]}
+    try:
+        wait_for(lambda: (run_dir / "l2.ckpt").exists(), 120, "l2's first checkpoint")
+        nodes["l2"].kill()
+        nodes["l2"].wait(timeout=30)
+        nodes["l2"] = start("l2", "--rejoin")
+        codes = {name: process.wait(timeout=200) for name, process in nodes.items()}
+    finally:
+        for process in nodes.values():
+            process.kill()
+    output = {name: process.stdout.read() for name, process in nodes.items()}
+    assert all(code == 0 for code in codes.values()), output
+    assert "rejoined" in output["l2"] and "peer_rejoined" not in output["l2"], output["l2"]
+    records = [json.loads(line) for line in (run_dir / "l1.jsonl").read_text().splitlines()]
+    assert [r["peer"] for r in records if r["event"] == "peer_rejoined"] == ["l2"]
+    final = [r for r in records if r["event"] == "final"][-1]
+    assert final["status"] == "done" and final["expired"] >= 0

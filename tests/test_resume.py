@@ -3,12 +3,14 @@ node saves before the same seqs, so a mesh restarted from one cut continues as i
 The mesh and `dni-mesh run --resume` are tested end to end in test_mesh.py."""
 
 import os
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from dni_mesh.reference import train_in_process
+from dni_mesh.build import build_core, probe
+from dni_mesh.reference import Bus, train_in_process
 from dni_mesh.topology import load_topology
 from dni_mesh.transport import free_port_range
 
@@ -72,3 +74,33 @@ def test_a_deep_window_resumes_and_finishes_every_step(tmp_path):
     states.update({node: s.state for node, s in whole.saves if s.seq == seq})
     resumed = train_in_process(mesh, resume=states)
     assert states["head"]["core"]["counters"]["steps"] + len(head_records(resumed, "step")) == 24
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("victim", ["l1", "head", "source"])
+def test_a_node_restarted_from_its_checkpoint_rejoins_and_the_run_finishes(tmp_path, victim):
+    """Mid-run the victim's core is replaced by one restored from its newest checkpoint, as
+    `dni-mesh node --rejoin` does after a crash (what was in its inbox is lost; what its peers
+    had queued for it arrives); after the rejoin handshake every node finishes."""
+    mesh = topology(tmp_path, "dni", window=3)
+    found = probe(mesh)
+    bus = Bus({name: build_core(mesh, name, time.monotonic, found) for name in mesh.nodes})
+    bus.start()
+    while not any(node == victim and save.seq >= 10 for node, save in bus.saves):
+        bus.deliver()
+    for _ in range(7):  # the victim goes on a little past its checkpoint, then dies
+        bus.deliver()
+    save = [s for node, s in bus.saves if node == victim][-1]
+    lost = bus.cores[victim].counters.steps - save.state["core"]["counters"]["steps"]
+    bus.cores[victim] = build_core(mesh, victim, time.monotonic, found, save.state)
+    bus.carry_out(victim, bus.cores[victim].rejoin(save.seq))
+    bus.run()
+    assert all(core.finished for core in bus.cores.values()), bus.stuck()
+    [rejoined] = [r.values for node, r in bus.records if r.values["event"] == "rejoined"]
+    assert rejoined["seq"] >= save.seq and rejoined["checkpoint_seq"] == save.seq
+    peers = [r.values for node, r in bus.records if r.values["event"] == "peer_rejoined"]
+    assert {p["peer"] for p in peers} == {victim}
+    assert len(peers) == len([e for e in mesh.edges if victim in (e.src, e.dst)])
+    head_steps = bus.cores["head"].counters.steps
+    assert lost >= 0 and head_steps <= 24 and head_steps >= 24 - 3 * 3  # at most a few windows lost
+    assert sum(core.counters.expired for core in bus.cores.values()) > 0
