@@ -25,6 +25,7 @@ never send (answering the other producers of those seqs with bare credits).
 from __future__ import annotations
 
 import copy
+import enum
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Union
@@ -38,6 +39,12 @@ from dni_mesh.language_model import IGNORE, bits_per_token, perplexity
 from dni_mesh.stage import Stage, StepResult
 
 
+class Gather(enum.Enum):
+    """What a node that ticks once every k seqs takes from an in-edge at its step."""
+    LATEST = "latest"  # the group's last activation; the others are answered with bare credits
+    STACK = "stack"    # all k activations, stacked on dimension 1 ([batch, k, ...])
+
+
 @dataclass(frozen=True)
 class InEdge:
     """An edge into the node, as the node's core checks it."""
@@ -47,6 +54,7 @@ class InEdge:
     needs_grad: bool         # the producer trains (it is not the source): answer with dh
     shape: tuple[int, ...]   # one sample of the activation
     dtype: torch.dtype
+    gather: Gather = Gather.LATEST  # with tick > 1
 
 
 @dataclass(frozen=True)
@@ -67,6 +75,7 @@ class Wiring:
     num_classes: int               # labels lie in [0, num_classes)
     label_shape: tuple[int, ...] = ()  # one sample's labels: a class, or (T,) next tokens
                                        # of a chunk (where IGNORE marks a token not scored)
+    tick: int = 1  # the node steps once every `tick` seqs, on each group's last one (a head)
 
 
 # Actions: what a driver does for the core.
@@ -544,9 +553,9 @@ class StageCore(Core):
             self.jumps.discard(edge.name)
             self.skip(range(self.accepted[edge.name], act.seq))
             self.accepted[edge.name] = act.seq
-        elif not self.next_seq <= act.seq < self.next_seq + edge.window:
-            return (f"seq {act.seq} on {edge.name} is outside the window "
-                    f"[{self.next_seq}, {self.next_seq + edge.window})")
+        elif not self.next_seq <= act.seq < self.next_seq + edge.window + self.wiring.tick - 1:
+            return (f"seq {act.seq} on {edge.name} is outside the window [{self.next_seq}, "
+                    f"{self.next_seq + edge.window + self.wiring.tick - 1})")
         for name in self.ended:
             if act.seq >= self.accepted[name]:
                 return (f"seq {act.seq} on {edge.name} can never be joined: {name} ended after "
@@ -562,8 +571,13 @@ class StageCore(Core):
                            f"{first.edge} brought a {first.phase} batch of {len(first.h)}")
         if problem is not None:
             return problem
-        self.arrived.setdefault(act.seq, {})[edge.name] = act
         self.accepted[edge.name] += 1
+        if edge.gather is Gather.LATEST and (act.seq + 1) % self.wiring.tick:
+            # A group's earlier activation on a "latest" edge: never stepped on, answered now.
+            self.backlog.append(Send(edge.src, wire.Gradient(edge.name, act.seq)))
+            self.counters.progress += 1
+            return None
+        self.arrived.setdefault(act.seq, {})[edge.name] = act
         self.counters.progress += 1
         return None
 
@@ -598,8 +612,26 @@ class StageCore(Core):
         self.counters.progress += 1
         return None
 
+    def group(self) -> range:
+        """The seqs of the next step: one, or a tick's worth."""
+        return range(self.next_seq, self.next_seq + self.wiring.tick)
+
     def ready(self) -> bool:
-        return len(self.arrived.get(self.next_seq, ())) == len(self.inputs)
+        last = self.group()[-1]
+        return len(self.arrived.get(last, ())) == len(self.inputs) and all(
+            edge.name in self.arrived.get(seq, ()) for edge in self.inputs.values()
+            if edge.gather is Gather.STACK for seq in self.group())
+
+    def gather(self) -> tuple[list[wire.Activation], list[Tensor]]:
+        """Take the next step's activations out of `arrived`: the last seq's, and the inputs
+        (stacked over the group on "stack" edges)."""
+        group = self.group()
+        taken = [self.arrived.pop(seq, {}) for seq in group]
+        lasts = [taken[-1][name] for name in self.inputs]
+        inputs = [torch.stack([aligned(t[edge.name].h) for t in taken], dim=1)
+                  if edge.gather is Gather.STACK and self.wiring.tick > 1 else aligned(last.h)
+                  for edge, last in zip(self.inputs.values(), lasts)]
+        return lasts, inputs
 
     def side(self, peer: str, edge: str) -> str | None:
         inbound = self.inputs.get(edge)
@@ -647,10 +679,12 @@ class StageCore(Core):
         actions, self.backlog = self.backlog, []
         self.pass_skipped()
         while self.ready() and not self.outputs.full() and not self.rejoining:
-            arrived = self.arrived.pop(self.next_seq)
-            actions += self.step(self.next_seq, [arrived[name] for name in self.inputs])
-            self.next_seq += 1
+            acts, inputs = self.gather()
+            actions += self.step(self.group()[-1], acts, inputs)
+            self.next_seq += self.wiring.tick
             self.pass_skipped()
+        if len(self.ended) == len(self.inputs) and self.wiring.tick > 1:
+            actions += self.drop_partial_group()
         done = len(self.ended) == len(self.inputs) and not self.arrived and not self.outputs.pending
         if done and not self.finished:
             self.finished = True
@@ -658,10 +692,20 @@ class StageCore(Core):
             actions += self.outputs.end()
         return actions
 
-    def step(self, seq: int, acts: list[wire.Activation]) -> list[Action]:
+    def drop_partial_group(self) -> list[Action]:
+        """The data ended inside a group: it is never stepped; answer what it brought."""
+        actions = []
+        for seq, acts in sorted(self.arrived.items()):
+            self.counters.expired += 1
+            actions += [Send(self.inputs[a.edge].src, wire.Gradient(a.edge, seq)) for a in acts.values()]
+        self.arrived.clear()
+        return actions
+
+    def step(self, seq: int, acts: list[wire.Activation], inputs: list[Tensor]) -> list[Action]:
+        """Step on seq (a group's last, when the node ticks every few seqs) with the inputs
+        of every in-edge; acts are the in-edges' activations of seq."""
         phase, n = acts[0].phase, len(acts[0].h)
         labels = next((a.labels for a in acts if a.labels is not None), None)
-        inputs = [aligned(a.h) for a in acts]
         if phase != "train":
             self.last_phase = phase
             if not self.eval.batches:
@@ -672,7 +716,7 @@ class StageCore(Core):
             self.counters.eval_batches += 1
             return actions + self.reply(seq, None)
         actions = self.close_eval()
-        actions += self.checkpoint(seq, phase)
+        actions += self.checkpoint(self.next_seq, phase)
         self.train_clock.tick(n, self.clock())
         needs_grad = [edge.needs_grad for edge in self.inputs.values()]
         result = self.stage.forward(seq, inputs, labels, needs_grad)
@@ -710,11 +754,18 @@ class StageCore(Core):
         return actions
 
     def reply(self, seq: int, grads: list[Tensor | None] | None) -> list[Action]:
-        """Answer every in-edge for seq: its gradient where it needs one, else a bare credit."""
+        """Answer every in-edge for seq: its gradient where it needs one, else a bare credit.
+        A "stack" edge of a ticking node is answered for each seq of the group, with its slice."""
         actions: list[Action] = []
         for i, edge in enumerate(self.inputs.values()):
             dh = grads[i] if grads is not None and edge.needs_grad else None
-            actions.append(Send(edge.src, wire.Gradient(edge.name, seq, dh.cpu() if dh is not None else None)))
+            if edge.gather is Gather.STACK and self.wiring.tick > 1:
+                group = range(seq - self.wiring.tick + 1, seq + 1)
+                actions += [Send(edge.src, wire.Gradient(edge.name, s, None if dh is None else
+                                                         dh[:, j].contiguous().cpu()))
+                            for j, s in enumerate(group)]
+            else:
+                actions.append(Send(edge.src, wire.Gradient(edge.name, seq, dh.cpu() if dh is not None else None)))
         return actions
 
     def close_eval(self) -> list[Action]:

@@ -9,8 +9,8 @@ import yaml
 
 from dni_mesh import wire
 from dni_mesh.build import build_core, make_stage
-from dni_mesh.core import (Acknowledge, Batch, EndEdge, EpochEnd, InEdge, OutEdge, Record, Reject,
-                           Send, SourceCore, StageCore, Wiring)
+from dni_mesh.core import (Acknowledge, Batch, EndEdge, EpochEnd, Gather, InEdge, OutEdge, Record,
+                           Reject, Send, SourceCore, StageCore, Wiring)
 from dni_mesh.reference import Bus
 from dni_mesh.synthetic import SyntheticGradientConfig
 from dni_mesh.topology import load_topology
@@ -277,3 +277,35 @@ def test_a_whole_dag_runs_to_its_end_on_the_bus_at_window_4(tmp_path, mode):
     evals = [r.values for n, r in bus.records if n == "head" and r.values["event"] == "eval"]
     assert len(evals) == 2 and evals[-1]["test_samples"] == 256 and evals[-1]["test_accuracy"] > 0.5
     assert not bus.outside and all(not c.outputs.pending for c in bus.cores.values())
+
+
+def ticking_head(gather: Gather, tick: int = 3) -> StageCore:
+    """A head that steps once every `tick` seqs of its producer `a` (6 features, window 4)."""
+    d_in = 6 * tick if gather is Gather.STACK else 6
+    stage = make_stage("b", lambda: torch.nn.Sequential(torch.nn.Flatten(), Classifier(d_in, 3)),
+                       input_shapes=[(6,)], optimizer={"name": "adam", "lr": 0.01}, rule=None,
+                       num_classes=3)
+    edge = InEdge("a->b", "a", 4, True, (6,), torch.float32, gather)
+    return StageCore(Wiring("b", (edge,), (), 1, True, 8, 3, tick=tick), stage, Clock())
+
+
+def test_a_node_that_ticks_every_3_steps_on_the_latest_answers_the_others_at_once():
+    b = ticking_head(Gather.LATEST)
+    answers = [a for seq in range(6) for a in b.receive("a", act(seq, "a->b", d=6))
+               if isinstance(a, Send)]
+    assert [(a.message.seq, a.message.dh is not None) for a in answers] == [
+        (0, False), (1, False), (2, True), (3, False), (4, False), (5, True)]
+    assert answers[2].message.dh.shape == (8, 6) and b.counters.steps == 2
+    assert "outside the window [6, 12)" in rejects(b.receive("a", act(12, "a->b", d=6)))[0].reason
+
+
+def test_a_node_that_ticks_every_3_steps_on_a_stack_answers_each_seq_with_its_slice():
+    b = ticking_head(Gather.STACK)
+    assert not [a for seq in range(2) for a in b.receive("a", act(seq, "a->b", d=6))
+                if isinstance(a, Send)]
+    answers = [a.message for a in b.receive("a", act(2, "a->b", d=6)) if isinstance(a, Send)]
+    assert [(m.seq, tuple(m.dh.shape)) for m in answers] == [(s, (8, 6)) for s in range(3)]
+    b.receive("a", act(3, "a->b", d=6))  # the data ends inside a group: answered, not stepped
+    end = b.receive("a", wire.End("a->b", 4))
+    assert [a.message.seq for a in end if isinstance(a, Send)] == [3]
+    assert b.finished and b.counters.steps == 1 and b.counters.expired == 1
