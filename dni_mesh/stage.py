@@ -16,6 +16,9 @@ consumers); it ships what the calls return. What happens in between is the node'
   M(h), where grad is itself the downstream node's mixture (lam = 1 is backprop, lam = 0 pure
   synthetic gradients). The mixture is backpropagated into the module and upstream; M is fitted
   on grad.
+- `Delayed`: no update at forward time; the step keeps a copy of the weights it used (a
+  stash) and, when its gradient comes back, recomputes its output with them, takes the weight
+  and input gradients there and applies the weight gradients to the current weights.
 
 A head stage owns an objective (the loss) instead of a rule: it updates from the true gradient
 in `forward` and returns the true input gradients, the loss and the number of correct
@@ -34,7 +37,7 @@ from torch.optim import Optimizer
 
 from dni_mesh.objective import Objective
 from dni_mesh.synthetic import Synthesizer, fit
-from dni_mesh.update import Backprop, BPLambda, SyntheticGradient, UpdateRule
+from dni_mesh.update import Backprop, BPLambda, Delayed, SyntheticGradient, UpdateRule
 
 
 @dataclass
@@ -66,6 +69,7 @@ class Pending:
     labels: Tensor | None
     inputs: list[Tensor] = field(default_factory=list)   # leaves: locked rules, target backprop
     needs_grad: list[bool] = field(default_factory=list)  # target backprop: inputs to answer
+    stash: dict[str, Tensor] | None = None  # Delayed: the weights and buffers the step used
 
 
 class Stage:
@@ -115,14 +119,16 @@ class Stage:
         labels = labels.to(self.device) if labels is not None else None
         if needs_input_grad is None:
             needs_input_grad = [x.is_floating_point() for x in inputs]
-        deferred = (isinstance(self.rule, SyntheticGradient) and self.rule.defers_input_grads
-                    and any(needs_input_grad))
+        deferred = (isinstance(self.rule, (SyntheticGradient, Delayed))
+                    and self.rule.defers_input_grads and any(needs_input_grad))
         leaves = [x.to(self.device).detach().requires_grad_(need and not deferred)
                   for x, need in zip(inputs, needs_input_grad, strict=True)]
         self.module.train()
         self.last_seq = max(self.last_seq, seq)
         if self.objective is not None:
             return self.head_step(leaves, labels)
+        if isinstance(self.rule, Delayed):
+            return self.delay(seq, leaves, labels, needs_input_grad)
         h = self.module(*leaves)
         if self.rule.locked:
             self.pending[seq] = Pending(h, labels, leaves)
@@ -151,6 +157,8 @@ class Stage:
         if isinstance(self.rule, Backprop):
             self.apply(entry.h, grad)
             return BackwardResult(input_grads=grads_of(entry.inputs))
+        if isinstance(self.rule, Delayed):
+            return BackwardResult(input_grads=self.apply_stashed(entry, grad))
         if isinstance(self.rule, BPLambda):
             lam = self.rule.lam
             synthetic = self.synthetic_gradient(entry.h.detach(), entry.labels)
@@ -166,6 +174,40 @@ class Stage:
         still owed its input gradients (locked rules, backprop targets), which are never sent."""
         entry = self.pending.pop(seq, None)
         return entry is not None and bool(entry.inputs)
+
+    def delay(self, seq: int, leaves: list[Tensor], labels: Tensor | None,
+              needs_input_grad: list[bool]) -> StepResult:
+        """Forward with the current weights, keeping a copy of them for when seq's gradient
+        comes back; no update now. Input gradients go upstream then (bare credits now, for
+        inputs that take none)."""
+        stash = {name: t.detach().clone() for name, t in
+                 [*self.module.named_parameters(), *self.module.named_buffers()]}
+        with torch.no_grad():
+            h = self.module(*leaves)
+        self.pending[seq] = Pending(h, labels, leaves, list(needs_input_grad), stash)
+        answered_later = any(needs_input_grad)
+        return StepResult(output=h, input_grads=None if answered_later else [None] * len(leaves))
+
+    def apply_stashed(self, entry: Pending, grad: Tensor) -> list[Tensor | None]:
+        """The step's gradients at the weights it used: recompute its output with the stash,
+        backpropagate grad, put the weight gradients on the current weights and step; the
+        input gradients go upstream."""
+        params = dict(self.module.named_parameters())
+        weights = {name: entry.stash[name].requires_grad_(True) for name in params}
+        buffers = {name: t for name, t in entry.stash.items() if name not in params}
+        leaves = [x.detach().requires_grad_(need) for x, need in zip(entry.inputs, entry.needs_grad)]
+        h = torch.func.functional_call(self.module, {**weights, **buffers}, tuple(leaves))
+        wanted = list(weights.values()) + [x for x in leaves if x.requires_grad]
+        grads = torch.autograd.grad(h, wanted, grad, allow_unused=True, materialize_grads=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        for p, g in zip(params.values(), grads):
+            p.grad = g
+        self.optimizer.step()
+        self.stats.steps += 1
+        if not any(entry.needs_grad):
+            return None  # answered at forward time
+        rest = iter(grads[len(params):])
+        return [next(rest) if x.requires_grad else None for x in leaves]
 
     def head_step(self, leaves: list[Tensor], labels: Tensor | None) -> StepResult:
         if labels is None:

@@ -11,6 +11,9 @@ rule is a property of the rule rather than a comparison of strings.
   target of the upstream synthesizer (see `Target`).
 - `BPLambda`: the paper's BP(lambda) (Jaderberg et al. 2016, supplement A): locked like
   backprop, but the applied gradient is lam * true + (1 - lam) * M(h).
+- `Delayed`: no wait, and no synthesizer: the node goes on with its next steps and applies
+  each step's true gradient when it comes back, computed with the weights that step used
+  (weight stashing, as PipeDream does); its input gradients go upstream then.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import enum
 from dataclasses import dataclass
 from typing import Union
 
-MODES = ("backprop", "dni", "cdni", "bp_lambda")
+MODES = ("backprop", "dni", "cdni", "bp_lambda", "delayed")
 
 
 class Target(enum.Enum):
@@ -63,7 +66,14 @@ class BPLambda:
             raise ValueError(f"BP(lambda): lambda must be in [0, 1], got {self.lam}")
 
 
-UpdateRule = Union[Backprop, SyntheticGradient, BPLambda]
+@dataclass(frozen=True)
+class Delayed:
+    locked = False
+    synthetic = False
+    defers_input_grads = True
+
+
+UpdateRule = Union[Backprop, SyntheticGradient, BPLambda, Delayed]
 
 
 def update_rule(mode: str, *, target: str = "bootstrap", bp_lambda: float = 1.0) -> UpdateRule:
@@ -80,4 +90,6 @@ def update_rule(mode: str, *, target: str = "bootstrap", bp_lambda: float = 1.0)
         return SyntheticGradient(conditioned=mode == "cdni", target=parsed)
     if mode == "bp_lambda":
         return BPLambda(bp_lambda)
+    if mode == "delayed":
+        return Delayed()
     raise ValueError(f"mode {mode!r}: expected one of {MODES}")

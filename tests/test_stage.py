@@ -311,3 +311,39 @@ def test_a_restored_stage_continues_bit_identically(tmp_path, mode):
     if stage.synthesizer is not None:
         pairs = zip(stage.synthesizer.state_dict().values(), restored.synthesizer.state_dict().values())
         assert all(torch.equal(a, b) for a, b in pairs)
+
+
+def test_delayed_at_window_1_is_exactly_backprop():
+    """One step in flight: the stash is the current weights, so the delayed update is backprop's."""
+    locked, delayed = make_stage("backprop"), make_stage("delayed")
+    for seq in range(3):
+        x, y = batch(seed=seq)
+        grad = torch.randn(8, 6, generator=torch.Generator().manual_seed(50 + seq))
+        assert delayed.forward(seq, [x], y, [True]).input_grads is None
+        locked.forward(seq, [x], y, [True])
+        a, b = locked.backward(seq, grad), delayed.backward(seq, grad)
+        assert torch.allclose(a.input_grads[0], b.input_grads[0], atol=1e-7)
+        assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(params(locked), params(delayed)))
+
+
+def test_delayed_applies_each_gradient_at_the_weights_its_step_used():
+    """Three steps in flight, answered late and out of step with the updates: each step's
+    input gradient is the one of the weights it ran with (weight stashing), not the current."""
+    stage = make_stage("delayed", module=nn.Linear(4, 6))
+    used = []
+    for seq in range(3):
+        x, y = batch(seed=seq)
+        used.append((x, copy.deepcopy(stage.module)))
+        stage.forward(seq, [x], y, [True])
+    for seq, (x, module) in enumerate(used):
+        grad = torch.randn(8, 6, generator=torch.Generator().manual_seed(seq))
+        back = stage.backward(seq, grad)
+        assert torch.allclose(back.input_grads[0], vjp(module, x, lambda h: grad), atol=1e-6)
+    assert stage.stats.steps == 3 and not stage.pending
+
+
+def test_delayed_from_the_source_answers_at_once_with_a_credit():
+    stage = make_stage("delayed")
+    x, y = batch()
+    assert stage.forward(0, [x], y, [False]).input_grads == [None]
+    assert stage.backward(0, torch.randn(8, 6)).input_grads is None
