@@ -185,14 +185,7 @@ class RecurrentStage(Stage):
         with torch.no_grad():
             out, self.eval_state = self.module(*[x.to(self.device) for x in inputs],
                                                self.eval_state)
-        if self.objective is None:
-            return StepResult(output=out, input_grads=None)
-        if labels is None:
-            return StepResult(output=None, input_grads=None)
-        labels = labels.to(self.device)
-        return StepResult(output=None, input_grads=None,
-                          loss=self.objective.loss(out, labels).item(),
-                          correct=self.objective.correct(out, labels))
+        return self.scored(out, labels)
 
     def reset_eval_state(self) -> None:
         """Start the next evaluation chunk from the zero state."""

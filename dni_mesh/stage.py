@@ -226,6 +226,10 @@ class Stage:
         self.module.eval()
         with torch.no_grad():
             out = self.module(*[x.to(self.device) for x in inputs])
+        return self.scored(out, labels)
+
+    def scored(self, out: Tensor, labels: Tensor | None) -> StepResult:
+        """An evaluation's result: a stage's output, or a head's loss and hits on labels."""
         if self.objective is None:
             return StepResult(output=out, input_grads=None)
         if labels is None:
