@@ -83,6 +83,8 @@ def make_stage(name: str, make_module: Callable[[], nn.Module], *,
         torch.manual_seed(node_seed(seed, name))
         module = make_module()
     sg_config = synthetic_gradient or SyntheticGradientConfig()
+    if time is not None and output_shape is None:
+        raise ValueError(f"stage {name}: a recurrent stage needs output_shape (the plan's)")
     synthesizer = sg_optimizer = None
     if rule is not None and rule.synthetic:
         shape = output_shape if output_shape is not None else output_spec(module, input_shapes)[0]
@@ -408,6 +410,11 @@ def _dry_run(topology: Topology, name: str, shapes: dict[str, tuple[int, ...]],
         raise topology.error(("nodes", name, "module"), f"{who} {got}: {_why(error)}") from error
     if recurrent:
         out = _recurrent_output(topology, name, who, got, out)
+        rule = node_rule(topology, name)
+        if rule is not None and not RecurrentStage.supports(rule):
+            raise topology.error(("nodes", name, "time"), (
+                f"{name}: a recurrent node (time: {spec.time}) takes the modes backprop, dni and "
+                f"cdni with bootstrap synthesizer targets, not {rule}"))
     if not isinstance(out, torch.Tensor):
         raise topology.error(("nodes", name, "module"), f"{who} {got}: returned a "
                              f"{type(out).__name__}; a node's module returns one tensor")

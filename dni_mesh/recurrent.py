@@ -91,8 +91,7 @@ class RecurrentStage(Stage):
                  time_synthesizer: Synthesizer | None = None,
                  time_sg_optimizer: Optimizer | None = None,
                  window: int = 1, device: torch.device | str = "cpu"):
-        if not (rule is None or isinstance(rule, Backprop)
-                or (isinstance(rule, SyntheticGradient) and not rule.defers_input_grads)):
+        if rule is not None and not self.supports(rule):
             raise ValueError(f"recurrent stage {name}: rule {rule} is not supported; use "
                              "backprop or dni/cdni with bootstrap targets")
         if (time_synthesizer is None) != (time_sg_optimizer is None):
@@ -110,6 +109,12 @@ class RecurrentStage(Stage):
         self.stats = RecurrentStats()
         self.state: State | None = None        # carried training state, detached
         self.eval_state: State | None = None   # carried evaluation state, detached
+
+    @staticmethod
+    def supports(rule: UpdateRule) -> bool:
+        """Backprop, or synthetic gradients with bootstrap targets."""
+        return isinstance(rule, Backprop) or (isinstance(rule, SyntheticGradient)
+                                              and not rule.defers_input_grads)
 
     def forward(self, seq: int, inputs: list[Tensor], labels: Tensor | None,
                 needs_input_grad: list[bool] | None = None) -> StepResult:

@@ -48,7 +48,9 @@ def zero_(layer: nn.Module) -> nn.Module:
 
 
 def one_hot(labels: Tensor, num_classes: int, like: Tensor) -> Tensor:
-    return F.one_hot(labels.long(), num_classes).to(dtype=like.dtype)
+    """Labels as one-hot rows; a negative label (a token not scored) is a row of zeros."""
+    labels = labels.long()
+    return (F.one_hot(labels.clamp(min=0), num_classes) * (labels >= 0)[..., None]).to(dtype=like.dtype)
 
 
 class Synthesizer(nn.Module):

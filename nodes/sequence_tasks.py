@@ -25,12 +25,15 @@ class CopyTask(ChunkedRows):
     """Copy (repeats=1) or repeat copy (repeats > 1) of `length` symbols, streamed in chunks.
 
     Tokens: 0..symbols-1 data, symbols = blank, symbols + 1 = START, symbols + 1 + r = the
-    count r for r in 1..max_repeats. An epoch is `batches` chunks.
+    count r for r in 1..max_repeats. An epoch is `batches` chunks. The "test" split draws other
+    sequences than "train" for the same seed; `shuffle` and `data_dir`, which every source
+    takes, change nothing (the data is generated).
     """
 
     def __init__(self, length: int = 1, repeats: int = 1, symbols: int = 8,
                  max_repeats: int = 16, batch_size: int = 32, chunk: int = 8,
-                 batches: int = 100, seed: int = 0):
+                 batches: int = 100, seed: int = 0, split: str = "train", shuffle: bool = False,
+                 data_dir: str | None = None):
         if length < 1 or symbols < 2:
             raise ValueError(f"copy task: length {length} must be >= 1, symbols {symbols} >= 2")
         if not 1 <= repeats <= max_repeats:
@@ -39,7 +42,7 @@ class CopyTask(ChunkedRows):
         self.length = length
         self.repeats = repeats
         self.symbols = symbols
-        self.seed = seed
+        self.seed = seed if split == "train" else seed + 1_000_003
 
     @property
     def episode_length(self) -> int:
