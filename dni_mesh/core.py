@@ -353,6 +353,7 @@ class Core:
         if message.edge in self.rejoining:  # a neighbour's answer to our own rejoin
             self.rejoining.discard(message.edge)
             self.positions[message.edge] = message.seq
+            self.answered(message.edge, message.seq)
             if self.rejoining:
                 return []
             seq = max([self.resume_seq, *self.positions.values()])
@@ -374,6 +375,9 @@ class Core:
     def reopen(self, edge: str) -> int:
         """Its producer restarted: the position to tell it; it may skip ahead of it."""
         raise NotImplementedError
+
+    def answered(self, edge: str, position: int) -> None:
+        """While rejoining: a neighbour told this node its position on edge."""
 
     def resume_at(self, seq: int) -> list[Action]:
         """Every neighbour answered this node's rejoin: go on from seq."""
@@ -553,9 +557,11 @@ class StageCore(Core):
             self.jumps.discard(edge.name)
             self.skip(range(self.accepted[edge.name], act.seq))
             self.accepted[edge.name] = act.seq
-        elif not self.next_seq <= act.seq < self.next_seq + edge.window + self.wiring.tick - 1:
-            return (f"seq {act.seq} on {edge.name} is outside the window [{self.next_seq}, "
-                    f"{self.next_seq + edge.window + self.wiring.tick - 1})")
+        else:  # while this node rejoins, its window starts at the producer's own position
+            low = self.positions[edge.name] if self.rejoining else self.next_seq
+            if not low <= act.seq < low + edge.window + self.wiring.tick - 1:
+                return (f"seq {act.seq} on {edge.name} is outside the window [{low}, "
+                        f"{low + edge.window + self.wiring.tick - 1})")
         for name in self.ended:
             if act.seq >= self.accepted[name]:
                 return (f"seq {act.seq} on {edge.name} can never be joined: {name} ended after "
@@ -667,12 +673,19 @@ class StageCore(Core):
         self.jumps.add(edge)
         return self.accepted[edge]
 
+    def answered(self, edge: str, position: int) -> None:
+        if edge in self.inputs:
+            self.accepted[edge] = position
+
     def resume_at(self, seq: int) -> list[Action]:
-        """Producers below seq send what this node answers without stepping (`take_late`)."""
+        """Producers below seq send what this node answers without stepping (`take_late`),
+        and what they sent of it while the others' answers came is answered now."""
         self.next_seq = seq
-        for name in self.inputs:
-            self.accepted[name] = min(self.positions[name], seq)
-            self.late[name] = seq
+        self.late = dict.fromkeys(self.inputs, seq)
+        for early in [s for s in self.arrived if s < seq]:
+            for act in self.arrived.pop(early).values():
+                self.counters.expired += 1
+                self.backlog.append(Send(self.inputs[act.edge].src, wire.Gradient(act.edge, early)))
         return super().resume_at(seq)
 
     def advance(self) -> list[Action]:

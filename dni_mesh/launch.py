@@ -3,12 +3,14 @@
 The launcher binds a control inbox; each node connects to it and sends Hello, Ready, Metrics,
 Heartbeat and Error there, and ends that stream with End when it exits. The launcher keeps a
 live view, writes every metrics message to `metrics.jsonl` in the run folder, and fails the run
-as soon as a node dies (naming it and quoting its last output lines), goes silent, or when the
-mesh stops advancing: every heartbeat carries the node's progress counter, and once no node's
-progress has moved for `stall_s` the run fails naming each unfinished node and what it waits
-for. On SIGINT or SIGTERM it sends Stop to every node, over the connection that node opened
-(nodes take Stop from nowhere else), waits briefly, then kills what is left, so no process
-outlives the run.
+as soon as a node dies past its restart policy (naming it and quoting its last output lines),
+goes silent, or when the mesh stops advancing: every heartbeat carries the node's progress
+counter, and once no node's progress has moved for `stall_s` the run fails naming each
+unfinished node and what it waits for. A node that dies with restarts left (`restart: {max: N}`
+in the topology) is started again with `--rejoin`: it continues from its newest checkpoint and
+rejoins the running mesh while its peers keep learning. On SIGINT or SIGTERM it sends Stop to
+every node, over the connection that node opened (nodes take Stop from nowhere else), waits
+briefly, then kills what is left, so no process outlives the run.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import zmq
 from dni_mesh import wire
 from dni_mesh.checkpoint import saved_seqs
 from dni_mesh.forkserver import ForkedProcess, ForkServer, ForkServerFailed, node_environment
-from dni_mesh.live import LiveView
+from dni_mesh.live import LiveView, restarts_text
 from dni_mesh.topology import Topology, load_topology
 from dni_mesh.transport import Inbox, TransportConfig, free_port_range
 
@@ -97,6 +99,15 @@ def check_ports(topology: Topology) -> None:
 
 
 @dataclass
+class Outage:
+    """A node's time down, from its death until its restarted process rejoined: what the run
+    stood at when it died, to count what was lost and what its peers did meanwhile."""
+    since: float
+    steps: int  # the dead process's step counter, as last reported
+    peer_steps: dict[str, int]  # every other node's step counter, as last reported
+
+
+@dataclass
 class NodeProcess:
     """One node's process and what the launcher has heard from it."""
     name: str
@@ -113,9 +124,22 @@ class NodeProcess:
     advanced: float = field(default_factory=time.monotonic)  # when progress last moved
     waiting_for: str = "(not reported)"
     first_step_s: float | None = None  # its first training step, in seconds since the run began
+    steps: int = 0  # its step counter (Metrics.step), as last reported
+    restarts: int = 0
+    down: Outage | None = None  # while it is dead or restarted but not yet rejoined
+    down_s: float = 0.0  # this and the next two: summed over its outages
+    steps_lost: int = 0
+    peer_steps_while_down: int = 0
 
     def done(self) -> bool:
         return bool(self.final) or self.process.poll() == 0
+
+    def restarted(self, process: subprocess.Popen | ForkedProcess, now: float) -> None:
+        """Watch the process that replaces a dead one as a new start: it must say hello and be
+        ready within STARTUP_S, and what its predecessor said no longer counts."""
+        self.process, self.hello, self.ready, self.final = process, None, False, {}
+        self.started = self.last_heard = self.advanced = now
+        self.waiting_for = "(not reported)"
 
     def tail(self, lines: int = 20) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -131,12 +155,15 @@ def no_wrap(node: str, command: list[str]) -> list[str]:
 
 
 def node_arguments(topology: Topology, name: str, overrides: Sequence[str], control: str,
-                   run_dir: Path, resume_at: int | None = None) -> list[str]:
-    """The `dni-mesh` command line of a node: the same whether it is forked or executed."""
+                   run_dir: Path, resume_at: int | None = None, rejoin: bool = False) -> list[str]:
+    """The `dni-mesh` command line of a node: the same whether it is forked or executed.
+    `rejoin`: a restart, from the node's newest checkpoint, into the running mesh."""
     arguments = ["node", str(topology.path), "--name", name, "--control", control,
                  "--run-dir", str(run_dir), "--plan", str(run_dir / PLAN_FILE)]
     if resume_at is not None:
         arguments += ["--resume", str(resume_at)]
+    if rejoin:
+        arguments.append("--rejoin")
     for override in overrides:
         arguments += ["--set", override]
     return arguments
@@ -179,7 +206,7 @@ class Launcher:
         self.metrics = (run_dir / "metrics.jsonl").open("w" if resume_at is None else "a")
 
     def start(self) -> None:
-        env = node_environment()
+        env = node_environment()  # for its data folder
         # What `dni-mesh plot --rdm` (dni_mesh.rdm) needs to rebuild the stages after the run.
         shutil.copyfile(self.topology.path, self.run_dir / "topology.yaml")
         data_dir = self.topology.data.data_dir or env.get("DNI_MESH_DATA")
@@ -187,24 +214,36 @@ class Launcher:
             {"overrides": self.overrides, "topology": str(self.topology.path),
              "root": str(self.topology.root), "data_dir": data_dir and str(data_dir)},
             indent=2) + "\n")
-        for name, spec in self.topology.nodes.items():
-            env["OMP_NUM_THREADS"] = str(spec.threads)
-            log_path = self.run_dir / f"{name}.log"
-            arguments = node_arguments(self.topology, name, self.overrides, self.inbox.address,
-                                       self.run_dir, self.resume_at)
-            append = self.resume_at is not None  # a resumed run continues its nodes' logs
-            if self.forkserver is not None:
-                try:
-                    process = self.forkserver.start(arguments, env, log_path, Path.cwd(), append)
-                except ForkServerFailed as error:
-                    raise NodeFailed(f"node {name} could not start: {error}") from None
-            else:
-                command = self.wrap(name, [sys.executable, "-m", "dni_mesh.cli", *arguments])
-                with log_path.open("a" if append else "w") as log:
-                    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                               stdin=subprocess.DEVNULL, env=env,
-                                               start_new_session=True)
-            self.nodes[name] = NodeProcess(name, process, log_path)
+        for name in self.topology.nodes:
+            # A resumed run continues its nodes' logs.
+            process = self.start_node(name, resume_at=self.resume_at,
+                                      append=self.resume_at is not None)
+            self.nodes[name] = NodeProcess(name, process, self.log_path(name))
+        self.write_pids()
+
+    def log_path(self, name: str) -> Path:
+        return self.run_dir / f"{name}.log"
+
+    def start_node(self, name: str, resume_at: int | None = None, append: bool = False,
+                   rejoin: bool = False) -> subprocess.Popen | ForkedProcess:
+        """Start one node's process, forked or executed, its output into NODE.log: for the
+        run's start and for each restart alike."""
+        env = {**node_environment(), "OMP_NUM_THREADS": str(self.topology.nodes[name].threads)}
+        arguments = node_arguments(self.topology, name, self.overrides, self.inbox.address,
+                                   self.run_dir, resume_at, rejoin)
+        log_path = self.log_path(name)
+        if self.forkserver is not None:
+            try:
+                return self.forkserver.start(arguments, env, log_path, Path.cwd(), append)
+            except ForkServerFailed as error:
+                raise NodeFailed(f"node {name} could not start: {error}") from None
+        command = self.wrap(name, [sys.executable, "-m", "dni_mesh.cli", *arguments])
+        with log_path.open("a" if append else "w") as log:
+            return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+
+    def write_pids(self) -> None:
+        """nodes.json: the pid of each node's current process, for whoever must signal it."""
         pids = {name: node.process.pid for name, node in self.nodes.items()}
         (self.run_dir / "nodes.json").write_text(json.dumps(pids, indent=2) + "\n")
 
@@ -219,7 +258,10 @@ class Launcher:
                 codes = {n: p.process.poll() for n, p in self.nodes.items()}
                 now = time.monotonic()
                 for name, code in codes.items():
-                    self.check_alive(self.nodes[name], code, now)
+                    if code not in (None, 0) and self.restarts_left(self.nodes[name]):
+                        self.restart(self.nodes[name], code, now)
+                    else:
+                        self.check_alive(self.nodes[name], code, now)
                 if all(code == 0 for code in codes.values()):
                     self.drain()
                     return
@@ -228,7 +270,8 @@ class Launcher:
     def check_alive(self, node: NodeProcess, code: int | None, now: float) -> None:
         """Fail the run when the node died, or did not get ready, or went silent once ready."""
         if code not in (None, 0):
-            problem = f"exited with code {code}"
+            problem = (f"exited with code {code} after {restarts_text(node.restarts)} (restart: "
+                       f"{{max: {self.topology.nodes[node.name].max_restarts}}})")
         elif code is None and not node.ready and now - node.started > STARTUP_S:
             problem = f"was not ready {STARTUP_S:.0f} s after it started (hung?)"
         elif code is None and node.ready and now - node.last_heard > self.silence_s:
@@ -238,8 +281,53 @@ class Launcher:
         raise NodeFailed(f"node {node.name} (pid {node.process.pid}) {problem}; its last output "
                          f"({node.log_path}):\n{node.tail()}")
 
+    def restarts_left(self, node: NodeProcess) -> bool:
+        return node.restarts < self.topology.nodes[node.name].max_restarts
+
+    def restart(self, node: NodeProcess, code: int, now: float) -> None:
+        """Start a dead node again, from its newest checkpoint, to rejoin the mesh while its
+        peers keep running. Its outage lasts until it reports `rejoined`; a node that dies again
+        before that is still in the same outage."""
+        if node.down is None:
+            node.down = Outage(now, node.steps, {n.name: n.steps for n in self.nodes.values()
+                                                 if n is not node})
+        dead = node.process.pid
+        node.restarts += 1
+        node.restarted(self.start_node(node.name, append=True, rejoin=True), now)
+        self.write_pids()
+        self.record(node, {"event": "restart", "node": node.name, "step": node.steps,
+                           "restarts": node.restarts, "exit_code": code, "status": "restarting"})
+        self.view.note(f"node {node.name} (pid {dead}) exited with code {code}; restarting it "
+                       f"from its checkpoint as pid {node.process.pid} (restart {node.restarts} "
+                       f"of {self.topology.nodes[node.name].max_restarts})")
+
+    def rejoined(self, node: NodeProcess, values: dict, now: float) -> dict:
+        """End the node's outage when its restarted process says it rejoined (its record has
+        the `steps` it resumed with): add the time down, the steps lost and the steps its peers
+        took meanwhile, and return them for the record."""
+        down, steps = node.down, values.get("steps")
+        if down is None:  # a record no restart asked for: no outage to count
+            return {}
+        node.down, node.advanced = None, now  # the mesh's stall clock restarts with it
+        outage = {"down_s": round(now - down.since, 3),
+                  "steps_lost": max(0, down.steps - steps) if isinstance(steps, int) else 0,
+                  "peer_steps_while_down": sum(max(0, self.nodes[name].steps - before)
+                                               for name, before in down.peer_steps.items())}
+        node.down_s += outage["down_s"]
+        node.steps_lost += outage["steps_lost"]
+        node.peer_steps_while_down += outage["peer_steps_while_down"]
+        self.view.note(f"node {node.name} rejoined at seq {values.get('seq')} after "
+                       f"{outage['down_s']:.1f} s down (from its checkpoint before seq "
+                       f"{values.get('checkpoint_seq')}; {outage['steps_lost']} steps lost, its "
+                       f"peers took {outage['peer_steps_while_down']} steps meanwhile)")
+        return {**outage, "status": "rejoined"}
+
     def check_progress(self, now: float) -> None:
-        """Fail the run when every node is ready and none has advanced for stall_s."""
+        """Fail the run when every node is ready and none has advanced for stall_s. While a
+        restarted node has not rejoined, its peers may rightly wait for it: it has STARTUP_S."""
+        if any(node.down is not None and now - node.started <= STARTUP_S
+               for node in self.nodes.values()):
+            return
         if not all(node.ready or node.done() for node in self.nodes.values()):
             return
         working = [node for node in self.nodes.values() if not node.done()]
@@ -268,22 +356,35 @@ class Launcher:
                 node.progress, node.advanced = message.step, now
         elif isinstance(message, wire.End):
             self.inbox.send(peer, wire.EndAck(message.edge, message.seq))
-        elif isinstance(message, wire.Metrics) and message.values.get("event") == "waiting":
-            node.waiting_for = str(message.values.get("waiting_for"))
         elif isinstance(message, wire.Metrics):
-            values = dict(message.values, node=peer, step=message.step)
-            if values.get("event") == "step" and node.first_step_s is None:
-                node.first_step_s = round(now - self.started, 3)
-            self.metrics.write(json.dumps(values) + "\n")
-            if self.board is not None:
-                self.board.log(peer, values)
-            node.latest.update(values)
-            if values.get("event") == "eval":
-                node.evals.append(values)
-            elif values.get("event") == "final":
-                node.final = values
+            node.steps = message.step
+            self.take_metrics(node, message, now)
         elif isinstance(message, wire.Error):
             node.latest["error"] = message.text
+
+    def take_metrics(self, node: NodeProcess, message: wire.Metrics, now: float) -> None:
+        if message.values.get("event") == "waiting":
+            node.waiting_for = str(message.values.get("waiting_for"))
+            return
+        values = dict(message.values, node=node.name, step=message.step)
+        event = values.get("event")
+        if event == "step" and node.first_step_s is None:
+            node.first_step_s = round(now - self.started, 3)
+        elif event == "rejoined":
+            values.update(self.rejoined(node, values, now))
+        self.record(node, values)
+        if event == "eval":
+            node.evals.append(values)
+        elif event == "final":
+            node.final = values
+
+    def record(self, node: NodeProcess, values: dict) -> None:
+        """Into metrics.jsonl (and TensorBoard) and the live view: a node's record, or one the
+        launcher makes about it (a restart)."""
+        self.metrics.write(json.dumps(values) + "\n")
+        if self.board is not None:
+            self.board.log(node.name, values)
+        node.latest.update(values)
 
     def stop(self, reason: str) -> None:
         """Ask every live node to stop, then kill whatever is left after the grace period."""
@@ -330,7 +431,11 @@ class Launcher:
                              "rejected": n.final.get("rejected"),
                              "dropped_messages": n.final.get("dropped_messages"),
                              "max_rss_mb": n.final.get("max_rss_mb"),
-                             "first_step_s": n.first_step_s}
+                             "first_step_s": n.first_step_s,
+                             # Restarts (the topology's `restart` policy) and what they cost.
+                             "restarts": n.restarts, "down_s": round(n.down_s, 3),
+                             "steps_lost": n.steps_lost,
+                             "peer_steps_while_down": n.peer_steps_while_down}
                       for name, n in self.nodes.items()},
         }
 

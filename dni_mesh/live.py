@@ -1,8 +1,9 @@
 """What a person watching `dni-mesh run` sees: a live table of nodes, then a final table.
 
 On a terminal the table redraws in place (rich's Live) with the source's epoch and an ETA;
-elsewhere (CI logs, pipes) only epochs, evaluation results and the final table are printed, the
-table as plain text that is never cut to a terminal width. `quiet` prints nothing at all.
+elsewhere (CI logs, pipes) only epochs, evaluation results, restarts and rejoins of nodes and
+the final table are printed, the table as plain text that is never cut to a terminal width.
+`quiet` prints nothing at all.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ class LiveView:
             rows.append([name, self.topology.nodes[name].role, str(node.process.pid),
                          _fmt(latest.get("step")), _fmt(latest.get("loss")),
                          _fmt(latest.get("sg_loss")), _fmt(latest.get("samples_per_s")),
-                         _fmt(accuracy), _fmt(latest.get("status") or latest.get("error") or "running")])
+                         _fmt(accuracy), status(latest)])
         return rows
 
     def table(self, nodes: dict, title: str) -> Table:
@@ -78,6 +79,12 @@ class LiveView:
             elapsed = time.monotonic() - self.started
             text += f", ETA {elapsed / epoch * (total - epoch):.0f} s"
         return text
+
+    def note(self, text: str) -> None:
+        """A line about the run as it happens (a node restarted, a node rejoined), printed above
+        the live table or into the plain log alike."""
+        if not self.quiet:
+            self.console.print(text, soft_wrap=True)
 
     def refresh(self, nodes: dict) -> None:
         if self.quiet:
@@ -115,6 +122,19 @@ class LiveView:
                            + f"train samples/s {_fmt(summary['train_samples_per_s'])}  "
                            f"wall {summary['wall_s']:.1f} s  run folder {summary['run_dir']}",
                            soft_wrap=True)
+
+
+def status(latest: dict) -> str:
+    """A node's state (`running`, `restarting`, `rejoined`, its final status, its error), with
+    how often the launcher restarted it: here rather than in a column of its own, which would
+    widen every row of every run for what happens in few."""
+    text = str(latest.get("status") or latest.get("error") or "running")
+    restarts = latest.get("restarts")
+    return f"{text} ({restarts_text(restarts)})" if restarts else text
+
+
+def restarts_text(count: int) -> str:
+    return f"{count} restart" + ("" if count == 1 else "s")
 
 
 def plain_table(title: str, rows: list[list[str]]) -> str:

@@ -87,6 +87,7 @@ class NodeSpec:
     window: int
     bp_lambda: float
     time: str | None  # None: a feed-forward module; bptt | dni: recurrent, over chunks
+    max_restarts: int  # times the launcher restarts the node after it died (`restart.max`)
     host: str
     port: int
     address: str  # tcp://{host address}:{port}, the node's inbox
@@ -361,8 +362,8 @@ def _node_spec(raw: RawTopology, name: str, node: NodeFile, mode: str | None, ho
     return NodeSpec(
         name=name, role=node.role, module=node.module, args=node.args,
         optimizer=node.optimizer.model_dump(), synthetic_gradient=sg, device=node.device,
-        threads=node.threads, window=node.window,
-        bp_lambda=node.bp_lambda, time=node.time, host=host.name, port=port,
+        threads=node.threads, window=node.window, bp_lambda=node.bp_lambda, time=node.time,
+        max_restarts=node.restart.max, host=host.name, port=port,
         address=f"tcp://{host.address}:{port}", mode=mode)
 
 

@@ -89,6 +89,11 @@ class SyntheticGradientFile(_Strict):
     optimizer: OptimizerFile = Field(default_factory=lambda: OptimizerFile(name="adam", lr=1e-4))
 
 
+class RestartFile(_Strict):
+    """How often the launcher restarts a node that died (dni_mesh.launch)."""
+    max: Annotated[int, Field(ge=0)] = 0  # 0: never; a death fails the run
+
+
 class SettingsFile(_Strict):
     """Per-node settings: `defaults` sets them for every node, a node may override any."""
 
@@ -99,6 +104,7 @@ class SettingsFile(_Strict):
     window: PositiveInt = 1
     bp_lambda: Annotated[float, Field(ge=0, le=1)] = 1.0
     time: Time | None = None  # a recurrent module, and what crosses its chunk boundaries
+    restart: RestartFile = Field(default_factory=RestartFile)
 
 
 class NodeFile(SettingsFile):

@@ -77,11 +77,12 @@ def test_a_deep_window_resumes_and_finishes_every_step(tmp_path):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("victim", ["l1", "head", "source"])
-def test_a_node_restarted_from_its_checkpoint_rejoins_and_the_run_finishes(tmp_path, victim):
+@pytest.mark.parametrize("victim, order", [("l1", 1), ("l1", -1), ("head", 1), ("source", 1)])
+def test_a_node_restarted_from_its_checkpoint_rejoins_and_the_run_finishes(tmp_path, victim, order):
     """Mid-run the victim's core is replaced by one restored from its newest checkpoint, as
     `dni-mesh node --rejoin` does after a crash (what was in its inbox is lost; what its peers
-    had queued for it arrives); after the rejoin handshake every node finishes."""
+    had queued for it arrives); after the rejoin handshake every node finishes. order -1: its
+    upstream answers first, and sends on before the downstream answers."""
     mesh = topology(tmp_path, "dni", window=3)
     found = probe(mesh)
     bus = Bus({name: build_core(mesh, name, time.monotonic, found) for name in mesh.nodes})
@@ -93,7 +94,7 @@ def test_a_node_restarted_from_its_checkpoint_rejoins_and_the_run_finishes(tmp_p
     save = [s for node, s in bus.saves if node == victim][-1]
     lost = bus.cores[victim].counters.steps - save.state["core"]["counters"]["steps"]
     bus.cores[victim] = build_core(mesh, victim, time.monotonic, found, save.state)
-    bus.carry_out(victim, bus.cores[victim].rejoin(save.seq))
+    bus.carry_out(victim, bus.cores[victim].rejoin(save.seq)[::order])
     bus.run()
     assert all(core.finished for core in bus.cores.values()), bus.stuck()
     [rejoined] = [r.values for node, r in bus.records if r.values["event"] == "rejoined"]
