@@ -30,7 +30,8 @@ from torch import nn
 
 from dni_mesh import wire
 from dni_mesh.checkpoint import CheckpointPolicy
-from dni_mesh.core import Batch, Clock, EpochEnd, InEdge, OutEdge, SourceCore, StageCore, Wiring
+from dni_mesh.core import (Batch, Clock, EpochEnd, Gather, InEdge, OutEdge, SourceCore, StageCore,
+                           Wiring)
 from dni_mesh.language_model import LanguageModel
 from dni_mesh.objective import Classification, Objective
 from dni_mesh.recurrent import RecurrentStage, flat
@@ -64,9 +65,10 @@ def make_stage(name: str, make_module: Callable[[], nn.Module], *,
                device: torch.device | str = "cpu",
                output_shape: tuple[int, ...] | None = None,
                time: str | None = None, input_dtypes: Sequence[torch.dtype] | None = None,
-               label_shape: tuple[int, ...] = ()) -> Stage:
+               label_shape: tuple[int, ...] = (), objective: Objective | None = None) -> Stage:
     """A node's Stage: module, optimizer and synthesizer seeded from (seed, name). rule None
-    makes a head, which owns the objective its labels call for (`objective_for`).
+    makes a head, which owns `objective`, or else the one its labels call for
+    (`objective_for`).
 
     The module is built under node_seed(seed, name) and the synthesizer under
     node_seed(seed, name + "/synthesizer"), both on the CPU and inside a forked RNG, so the
@@ -92,7 +94,8 @@ def make_stage(name: str, make_module: Callable[[], nn.Module], *,
             shape[-1:] if time else shape, num_classes, synthesizer_config(rule, sg_config),
             node_seed(seed, name + "/synthesizer"))
     module.to(device)
-    objective = objective_for(label_shape, num_classes) if rule is None else None
+    if rule is None:
+        objective = objective or objective_for(label_shape, num_classes)
     settings = dict(rule=rule, objective=objective, synthesizer=synthesizer,
                     sg_optimizer=sg_optimizer, window=window, device=device)
     if time is None:
@@ -129,6 +132,21 @@ def state_size(module: nn.Module, input_shapes: Sequence[tuple[int, ...]],
                             for shape, dtype in zip(input_shapes, input_dtypes, strict=True)], None)
     module.train(was_training)
     return flat(state).shape[1]
+
+
+def node_objective(topology: Topology, name: str, found: Plan) -> Objective:
+    """A head's objective: the topology's class for it, or the one its labels call for."""
+    spec = topology.nodes[name]
+    if spec.objective is None:
+        return objective_for(found.label_shape, found.num_classes)
+    return resolve_import(spec.objective, topology.root)(**spec.objective_args)
+
+
+def input_shape(topology: Topology, edge, found: "Plan") -> tuple[int, ...]:
+    """One sample of what the edge's consumer takes from it: a "stack" edge into a node that
+    ticks every k seqs brings k of the producer's samples."""
+    shape = found.shapes[edge.src]
+    return (topology.nodes[edge.dst].tick, *shape) if edge.gather == "stack" else shape
 
 
 def objective_for(label_shape: tuple[int, ...], num_classes: int) -> Objective:
@@ -226,8 +244,9 @@ def plan_digest(topology: Topology) -> str:
     """A digest of what decides the plan (data source, node modules and args, edges), so a
     node refuses a plan made for another file or other `--set`s."""
     decisive = {"data": [topology.data.source, topology.data.args],
-                "nodes": {n.name: [n.role, n.module, n.args, n.time] for n in topology.nodes.values()},
-                "edges": [e.name for e in topology.edges]}
+                "nodes": {n.name: [n.role, n.module, n.args, n.time, n.tick, n.objective,
+                                   n.objective_args] for n in topology.nodes.values()},
+                "edges": [[e.name, e.gather] for e in topology.edges]}
     return hashlib.sha256(json.dumps(decisive, sort_keys=True, default=repr).encode()).hexdigest()
 
 
@@ -392,7 +411,8 @@ def _dry_run(topology: Topology, name: str, shapes: dict[str, tuple[int, ...]],
     spec = topology.nodes[name]
     who = f"{name} ({spec.module})"
     producers = [e.src for e in topology.inputs(name)]
-    inputs = [torch.zeros(DRY_BATCH, *shapes[p], dtype=dtypes[p]) for p in producers]
+    inputs = [torch.zeros(DRY_BATCH, *((spec.tick,) if e.gather == "stack" else ()), *shapes[e.src],
+                          dtype=dtypes[e.src]) for e in topology.inputs(name)]
     got = f"got inputs {', '.join(map(_show, inputs))}"
     try:
         module = module_factory(topology, name)()
@@ -425,13 +445,14 @@ def _dry_run(topology: Topology, name: str, shapes: dict[str, tuple[int, ...]],
     labels = torch.zeros(DRY_BATCH, *label_shape, dtype=torch.int64)
     if spec.role == "head":
         scores = [DRY_BATCH, *label_shape, num_classes]
-        if list(out.shape) != scores:
+        if spec.objective is None and list(out.shape) != scores:
             raise topology.error(("nodes", name, "module"), (
                 f"{sent}: a head gives [batch, {', '.join(map(str, scores[1:]))}] class scores "
                 f"(the data has {num_classes} classes"
                 f"{f' and labels {list(label_shape)} per sample' if label_shape else ''})"))
-        objective = objective_for(label_shape, num_classes)
         try:
+            objective = (objective_for(label_shape, num_classes) if spec.objective is None else
+                         resolve_import(spec.objective, topology.root)(**spec.objective_args))
             objective.loss(out, labels)
         except Exception as exc:
             raise topology.error(("nodes", name, "module"), f"{sent}, which the "
@@ -528,11 +549,11 @@ def wiring(topology: Topology, name: str, found: Plan) -> Wiring:
     spec = topology.nodes[name]
     inputs = tuple(InEdge(e.name, e.src, node_window(topology, e.src),
                           topology.nodes[e.src].role != "source", found.shapes[e.src],
-                          found.dtypes[e.src])
+                          found.dtypes[e.src], Gather(e.gather))
                    for e in topology.inputs(name))
     outputs = tuple(OutEdge(e.name, e.dst) for e in topology.outputs(name))
     return Wiring(name, inputs, outputs, node_window(topology, name), spec.role != "source",
-                  topology.data.batch_size, found.num_classes, found.label_shape)
+                  topology.data.batch_size, found.num_classes, found.label_shape, spec.tick)
 
 
 def build_stage(topology: Topology, name: str, found: Plan | None = None) -> Stage:
@@ -542,13 +563,14 @@ def build_stage(topology: Topology, name: str, found: Plan | None = None) -> Sta
     found = found or probe(topology)
     return make_stage(
         name, module_factory(topology, name),
-        input_shapes=[found.shapes[e.src] for e in topology.inputs(name)],
+        input_shapes=[input_shape(topology, e, found) for e in topology.inputs(name)],
         optimizer=spec.optimizer, rule=node_rule(topology, name),
         synthetic_gradient=SyntheticGradientConfig(**spec.synthetic_gradient),
         num_classes=found.num_classes, seed=topology.seed, window=node_window(topology, name),
         device=spec.device, output_shape=found.shapes[name], time=spec.time,
         input_dtypes=[found.dtypes[e.src] for e in topology.inputs(name)],
-        label_shape=found.label_shape)
+        label_shape=found.label_shape,
+        objective=node_objective(topology, name, found) if spec.role == "head" else None)
 
 
 def largest_tensor(topology: Topology, name: str, found: Plan) -> int:
@@ -556,7 +578,7 @@ def largest_tensor(topology: Topology, name: str, found: Plan) -> int:
     activations of its in-edges, of the gradients of its own output, or of labels. A receiver
     bounds what a peer can make it allocate by this, not by the protocol's 1 GiB."""
     batch = topology.data.batch_size
-    sizes = [8 * batch]  # int64 labels
+    sizes = [8 * batch * math.prod(found.label_shape)]  # int64 labels
     for node in [e.src for e in topology.inputs(name)] + ([name] if topology.outputs(name) else []):
         shape, dtype = found.shapes[node], found.dtypes[node]
         sizes.append(batch * math.prod(shape) * dtype.itemsize)

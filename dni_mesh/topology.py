@@ -36,7 +36,8 @@ _IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z
 class EdgeSpec:
     src: str
     dst: str
-    mode: str  # backprop | dni | cdni | bp_lambda: the update rule of `src`
+    mode: str  # backprop | dni | cdni | bp_lambda | delayed: the update rule of `src`
+    gather: str = "latest"  # latest | stack: what `dst`, ticking every few seqs, takes
 
     @property
     def name(self) -> str:
@@ -88,6 +89,9 @@ class NodeSpec:
     bp_lambda: float
     time: str | None  # None: a feed-forward module; bptt | dni: recurrent, over chunks
     max_restarts: int  # times the launcher restarts the node after it died (`restart.max`)
+    tick: int  # the node steps once every `tick` seqs
+    objective: str | None  # a head's objective class (import path); None: the labels' default
+    objective_args: dict[str, Any]
     host: str
     port: int
     address: str  # tcp://{host address}:{port}, the node's inbox
@@ -166,6 +170,7 @@ def load_topology(path: str | Path, overrides: Sequence[str] = (), *,
     places = _places(raw, settings, hosts)
     nodes = {name: _node_spec(raw, name, node, modes[name], hosts[places[name][0]], places[name][1])
              for name, node in settings.items()}
+    _check_clocks(raw, nodes, edges, top.checkpoint.every)
     file_path = Path(path).resolve()
     topology = Topology(
         name=top.name or file_path.stem, mode=top.mode, seed=top.seed,
@@ -219,16 +224,16 @@ def _edges(raw: RawTopology, top: TopologyFile) -> list[EdgeSpec]:
         key = ("edges", i)
         if isinstance(item, dict):
             edge = raw.check(EdgeFile, item, key)
-            src, dst, mode = edge.src, edge.dst, edge.mode or top.mode
+            src, dst, mode, gather = edge.src, edge.dst, edge.mode or top.mode, edge.gather
         elif isinstance(item, str) and (ends := _edge_name(item)):
-            (src, dst), mode = ends, top.mode
+            (src, dst), mode, gather = ends, top.mode, "latest"
         else:
             raise raw.error(key, f"expected 'a -> b' or {{from: a, to: b}}, got {item!r}")
         for name in (src, dst):
             if name not in top.nodes:
                 problem = unknown(name, list(top.nodes), "node")
                 raise raw.error(key, f"edge '{src} -> {dst}': {problem}")
-        spec = EdgeSpec(src, dst, mode)
+        spec = EdgeSpec(src, dst, mode, gather)
         first = next((j for j, e in enumerate(edges) if (e.src, e.dst) == (src, dst)), None)
         if first is not None:
             raise raw.error(key, f"duplicate edge {spec} (first at edges.{first})")
@@ -363,8 +368,34 @@ def _node_spec(raw: RawTopology, name: str, node: NodeFile, mode: str | None, ho
         name=name, role=node.role, module=node.module, args=node.args,
         optimizer=node.optimizer.model_dump(), synthetic_gradient=sg, device=node.device,
         threads=node.threads, window=node.window, bp_lambda=node.bp_lambda, time=node.time,
-        max_restarts=node.restart.max, host=host.name, port=port,
+        max_restarts=node.restart.max, tick=node.tick, objective=node.objective,
+        objective_args=node.objective_args, host=host.name, port=port,
         address=f"tcp://{host.address}:{port}", mode=mode)
+
+
+def _check_clocks(raw: RawTopology, nodes: dict[str, NodeSpec], edges: list[EdgeSpec],
+                  every: int) -> None:
+    """A node that ticks every k seqs is a head; a "stack" edge feeds such a node from an
+    unlocked producer whose window holds a group; checkpoints fall on group boundaries."""
+    for name, node in nodes.items():
+        if node.objective is not None and node.role != "head":
+            raise raw.error(("nodes", name, "objective"), f"node {name}: only a head has an objective")
+        if node.tick > 1 and node.role != "head":
+            raise raw.error(("nodes", name, "tick"), f"node {name}: only a head may tick every "
+                            f"{node.tick} seqs (a node that ticks slower cannot feed another yet)")
+        if node.tick > 1 and every % node.tick:
+            raise raw.error(("checkpoint", "every"), f"{every} is not a multiple of node {name}'s "
+                            f"tick {node.tick}: every node must save at the same seqs")
+    for i, edge in enumerate(edges):
+        tick, producer = nodes[edge.dst].tick, nodes[edge.src]
+        if edge.gather == "stack" and tick == 1:
+            raise raw.error(("edges", i, "gather"), f"edge {edge}: stack takes a group of seqs, "
+                            f"but {edge.dst} ticks every seq (set nodes.{edge.dst}.tick)")
+        if edge.gather == "stack" and (edge.mode in ("backprop", "bp_lambda") or producer.window < tick):
+            raise raw.error(("edges", i, "gather"), (
+                f"edge {edge}: {edge.src} must keep a group of {tick} outputs in flight for a stack: "
+                f"an unlocked mode (not {edge.mode}) and a window of at least {tick} "
+                f"(it has {producer.window})"))
 
 
 def _data_spec(data: DataFile, root: Path) -> DataSpec:
@@ -418,7 +449,8 @@ def _transport(raw: RawTopology, transport: dict[str, Any]) -> dict[str, Any]:
 
 def _check_imports(raw: RawTopology, topology: Topology) -> None:
     """Import every module the mesh names, so a bad path fails now and not in a node process."""
-    named = [(("nodes", n.name, "module"), n.module) for n in topology.nodes.values() if n.module]
+    named = [(("nodes", n.name, key), path) for n in topology.nodes.values()
+             for key, path in (("module", n.module), ("objective", n.objective)) if path]
     for key, spec in [*named, (("data", "source"), topology.data.source)]:
         try:
             resolve_import(spec, topology.root)

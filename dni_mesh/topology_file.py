@@ -58,7 +58,7 @@ def parse_value(text: str) -> Any:
 
 # --- the schema: strict types (no "3" -> 3, no true -> 1), unknown keys rejected --------------
 
-Mode = Literal["backprop", "dni", "cdni", "bp_lambda"]
+Mode = Literal["backprop", "dni", "cdni", "bp_lambda", "delayed"]
 Time = Literal["bptt", "dni"]
 Port = Annotated[int, Field(ge=1, le=65535)]
 PositiveInt = Annotated[int, Field(ge=1)]
@@ -104,6 +104,7 @@ class SettingsFile(_Strict):
     window: PositiveInt = 1
     bp_lambda: Annotated[float, Field(ge=0, le=1)] = 1.0
     time: Time | None = None  # a recurrent module, and what crosses its chunk boundaries
+    tick: PositiveInt = 1  # the node steps once every `tick` seqs (a head)
     restart: RestartFile = Field(default_factory=RestartFile)
 
 
@@ -111,6 +112,8 @@ class NodeFile(SettingsFile):
     role: Literal["source", "stage", "head"] | None = None  # None: a stage
     module: str | None = None
     args: dict[str, Any] = Field(default_factory=dict)
+    objective: str | None = None  # a head's objective class; None: the labels' default
+    objective_args: dict[str, Any] = Field(default_factory=dict)
     host: str | None = None
     port: Port | None = None
 
@@ -140,6 +143,7 @@ class EdgeFile(_Strict):
     src: str = Field(alias="from")
     dst: str = Field(alias="to")
     mode: Mode | None = None  # None: the mesh-wide mode
+    gather: Literal["latest", "stack"] = "latest"  # into a node with tick > 1
 
 
 class CheckpointFile(_Strict):
