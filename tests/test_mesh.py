@@ -79,7 +79,7 @@ def reference_losses(path: Path) -> list[float]:
 
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("mode, target", [("backprop", "bootstrap"), ("cdni", "bootstrap"),
-                                          ("dni", "backprop")])
+                                          ("dni", "backprop"), ("delayed", "bootstrap")])
 def test_mesh_reproduces_reference(tmp_path, capsys, mode, target):
     topology = chain(mode)
     topology["defaults"]["synthetic_gradient"]["target"] = target
