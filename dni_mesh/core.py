@@ -20,7 +20,7 @@ A node restarted from its checkpoint rejoins a running mesh (`rejoin`): it tells
 neighbour, each neighbour expires what it had in flight with it and answers with its position
 on the edge, and the node resumes at the furthest of them. What was in flight is lost, never
 waited for: a producer counts it `expired`, and a consumer skips the seqs its producer will
-never send (answering the other producers of those seqs with bare credits).
+never send (answering the other producers of those seqs with zeros: they learn nothing from it).
 """
 from __future__ import annotations
 
@@ -35,13 +35,13 @@ from torch import Tensor
 
 from dni_mesh import wire
 from dni_mesh.checkpoint import CheckpointPolicy
-from dni_mesh.language_model import IGNORE, bits_per_token, perplexity
+from dni_mesh.language_model import IGNORE, LanguageModel, bits_per_token, perplexity
 from dni_mesh.stage import Stage, StepResult
 
 
 class Gather(enum.Enum):
     """What a node that ticks once every k seqs takes from an in-edge at its step."""
-    LATEST = "latest"  # the group's last activation; the others are answered with bare credits
+    LATEST = "latest"  # the group's last activation; the others are answered at once, with zeros
     STACK = "stack"    # all k activations, stacked on dimension 1 ([batch, k, ...])
 
 
@@ -180,6 +180,8 @@ class Outputs:
         if entry is None or edge.name not in entry.waiting:
             return f"no output seq {message.seq} on {edge.name} waits for an answer"
         dh = message.dh
+        if dh is None and entry.phase == "train" and self.wiring.trains:
+            return f"seq {message.seq} on {edge.name} is a training output: it needs its gradient"
         if dh is not None:
             if entry.phase != "train" or not self.wiring.trains:
                 return f"seq {message.seq} on {edge.name} takes a bare credit, not a gradient"
@@ -226,16 +228,15 @@ class EvalPass:
     loss_sum: float = 0.0
     started: float = 0.0
 
-    def add(self, result: StepResult, n: int, labels: Tensor | None, now: float) -> None:
+    def add(self, result: StepResult, n: int, now: float) -> None:
         if not self.batches:
             self.started = now
         self.batches += 1
         self.samples += n
         if result.correct is not None:
-            scored = int((labels != IGNORE).sum())
-            self.labelled += scored
+            self.labelled += result.scored
             self.correct += result.correct
-            self.loss_sum += result.loss * scored
+            self.loss_sum += result.loss * result.scored
 
     def result(self) -> dict:
         values = {"test_samples": self.samples, "test_labelled": self.labelled}
@@ -327,7 +328,7 @@ class Core:
 
     def take_late(self, peer: str, message: wire.Activation) -> list[Action] | None:
         """An activation of a seq this node skipped when it or a neighbour rejoined, answered
-        with a bare credit at once; None for any other."""
+        at once (`unused`); None for any other."""
         return None
 
     def side(self, peer: str, edge: str) -> str | None:
@@ -580,7 +581,7 @@ class StageCore(Core):
         self.accepted[edge.name] += 1
         if edge.gather is Gather.LATEST and (act.seq + 1) % self.wiring.tick:
             # A group's earlier activation on a "latest" edge: never stepped on, answered now.
-            self.backlog.append(Send(edge.src, wire.Gradient(edge.name, act.seq)))
+            self.backlog.append(self.unused(act))
             self.counters.progress += 1
             return None
         self.arrived.setdefault(act.seq, {})[edge.name] = act
@@ -652,8 +653,16 @@ class StageCore(Core):
         for seq in seqs:
             self.counters.expired += 1
             for act in self.arrived.pop(seq, {}).values():
-                self.backlog.append(Send(self.inputs[act.edge].src, wire.Gradient(act.edge, seq)))
+                self.backlog.append(self.unused(act))
         self.skipped.update(seqs)
+
+    def unused(self, act: wire.Activation) -> Send:
+        """The answer to an activation no step will take (skipped, expired, or not the latest
+        of a group): zeros where its producer is owed a gradient, so that it learns nothing
+        from this consumer for it, else a bare credit."""
+        edge = self.inputs[act.edge]
+        due = edge.needs_grad and act.phase == "train"
+        return Send(edge.src, wire.Gradient(edge.name, act.seq, torch.zeros_like(act.h) if due else None))
 
     def pass_skipped(self) -> None:
         while self.next_seq in self.skipped:
@@ -667,7 +676,7 @@ class StageCore(Core):
             return None
         self.accepted[edge.name] += 1
         self.counters.expired += 1
-        return [Send(peer, wire.Gradient(act.edge, act.seq))]
+        return [self.unused(act)]
 
     def reopen(self, edge: str) -> int:
         self.jumps.add(edge)
@@ -685,7 +694,7 @@ class StageCore(Core):
         for early in [s for s in self.arrived if s < seq]:
             for act in self.arrived.pop(early).values():
                 self.counters.expired += 1
-                self.backlog.append(Send(self.inputs[act.edge].src, wire.Gradient(act.edge, early)))
+                self.backlog.append(self.unused(act))
         return super().resume_at(seq)
 
     def advance(self) -> list[Action]:
@@ -710,7 +719,7 @@ class StageCore(Core):
         actions = []
         for seq, acts in sorted(self.arrived.items()):
             self.counters.expired += 1
-            actions += [Send(self.inputs[a.edge].src, wire.Gradient(a.edge, seq)) for a in acts.values()]
+            actions += [self.unused(a) for a in acts.values()]
         self.arrived.clear()
         return actions
 
@@ -725,7 +734,7 @@ class StageCore(Core):
                 self.stage.reset_eval_state()  # a pass reads its split from the start
             result = self.stage.evaluate(inputs, labels)
             actions = self.send_output(seq, result, labels, phase)
-            self.eval.add(result, n, labels, self.clock())
+            self.eval.add(result, n, self.clock())
             self.counters.eval_batches += 1
             return actions + self.reply(seq, None)
         actions = self.close_eval()
@@ -753,12 +762,13 @@ class StageCore(Core):
     def learn(self, seq: int, entry: InFlight) -> list[Action]:
         """All consumers answered a training output: fit the synthesizer or do the locked update.
         With no gradient at all (its consumers restarted) the step is forgotten, and a step
-        that still owed its input gradients answers its producers with bare credits."""
+        that still owed its input gradients answers its producers with zeros."""
         if entry.phase != "train":
             return []
         if entry.grad is None:
             self.counters.expired += 1
-            return self.reply(seq, None) if self.stage.forget(seq) else []
+            owed = self.stage.forget(seq)
+            return self.reply(seq, owed) if owed is not None else []
         result = self.stage.backward(seq, entry.grad)
         actions = self.reply(seq, result.input_grads) if result.input_grads is not None else []
         if result.sg_loss is not None:
@@ -788,7 +798,7 @@ class StageCore(Core):
         actions: list[Action] = []
         if self.stage.head:
             result = self.eval.result()
-            if self.wiring.label_shape and "test_loss" in result:  # a language model's measures
+            if isinstance(self.stage.objective, LanguageModel) and "test_loss" in result:
                 result.update(test_bits_per_token=bits_per_token(result["test_loss"]),
                               test_perplexity=perplexity(result["test_loss"]))
             actions.append(Record({"event": "eval", **result}, force=True))

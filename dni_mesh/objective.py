@@ -19,6 +19,9 @@ class Objective(Protocol):
     def correct(self, output: Tensor, labels: Tensor) -> int:
         """How many samples of the batch the output gets right (for accuracy)."""
 
+    def scored(self, labels: Tensor) -> int:
+        """How many predictions `correct` counts over: accuracy's denominator, the loss's weight."""
+
 
 @dataclass(frozen=True)
 class Classification:
@@ -30,3 +33,6 @@ class Classification:
 
     def correct(self, output: Tensor, labels: Tensor) -> int:
         return int((output.argmax(dim=1) == labels).sum().item())
+
+    def scored(self, labels: Tensor) -> int:
+        return len(labels)

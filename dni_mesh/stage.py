@@ -46,6 +46,7 @@ class StepResult:
     input_grads: list[Tensor | None] | None  # per input, gradient to send upstream now
     loss: float | None = None               # head: the objective's loss
     correct: int | None = None              # head: correct predictions in the batch
+    scored: int | None = None               # head: the predictions `correct` counts over
 
 
 @dataclass
@@ -169,11 +170,15 @@ class Stage:
         input_grads = self.backpropagate(entry.inputs, entry.needs_grad, grad) if entry.inputs else None
         return BackwardResult(input_grads=input_grads, sg_loss=sg_loss)
 
-    def forget(self, seq: int) -> bool:
-        """Drop step seq, whose gradient will never come (its consumer restarted); True when it
-        still owed its input gradients (locked rules, backprop targets), which are never sent."""
+    def forget(self, seq: int) -> list[Tensor | None] | None:
+        """Drop step seq, whose gradient will never come (its consumer restarted). When it still
+        owed its input gradients (locked rules, backprop targets, delayed): zeros to send in
+        their place, so its producers learn nothing from it; else None."""
         entry = self.pending.pop(seq, None)
-        return entry is not None and bool(entry.inputs)
+        if entry is None or not entry.inputs:
+            return None
+        needs = entry.needs_grad or [x.requires_grad for x in entry.inputs]
+        return [torch.zeros_like(x) if need else None for x, need in zip(entry.inputs, needs)]
 
     def delay(self, seq: int, leaves: list[Tensor], labels: Tensor | None,
               needs_input_grad: list[bool]) -> StepResult:
@@ -237,7 +242,8 @@ class Stage:
         labels = labels.to(self.device)
         return StepResult(output=None, input_grads=None,
                           loss=self.objective.loss(out, labels).item(),
-                          correct=self.objective.correct(out, labels))
+                          correct=self.objective.correct(out, labels),
+                          scored=self.objective.scored(labels))
 
     def reset_eval_state(self) -> None:
         """Called before each evaluation pass; a feed-forward stage carries nothing between

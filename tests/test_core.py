@@ -132,6 +132,7 @@ def test_answers_that_do_not_fit_the_output_are_rejected():
     c = core()
     c.receive("source", act(0))
     for message, reason in [
+        (wire.Gradient("l1->head", 0, None), "needs its gradient"),
         (wire.Gradient("l1->head", 0, torch.ones(8, 5)), "the output was [8, 6]"),
         (wire.Gradient("l1->head", 0, torch.ones(8, 6, dtype=torch.long)), "torch.int64"),
     ]:
@@ -140,10 +141,6 @@ def test_answers_that_do_not_fit_the_output_are_rejected():
     assert "no output seq 0" in rejects(c.receive("head", wire.Gradient("l1->head", 0, torch.ones(8, 6))))[0].reason
     c.receive("source", act(1, phase="eval"))
     assert "bare credit" in rejects(c.receive("head", wire.Gradient("l1->head", 1, torch.ones(8, 6))))[0].reason
-    c.receive("head", wire.Gradient("l1->head", 1))
-    c.receive("source", act(2))
-    assert not rejects(c.receive("head", wire.Gradient("l1->head", 2)))  # its consumer restarted
-    assert c.counters.expired == 1 and not c.outputs.pending and not c.stage.pending
 
 
 def test_duplicates_late_activations_and_a_second_end_are_rejected():
@@ -293,8 +290,8 @@ def test_a_node_that_ticks_every_3_steps_on_the_latest_answers_the_others_at_onc
     b = ticking_head(Gather.LATEST)
     answers = [a for seq in range(6) for a in b.receive("a", act(seq, "a->b", d=6))
                if isinstance(a, Send)]
-    assert [(a.message.seq, a.message.dh is not None) for a in answers] == [
-        (0, False), (1, False), (2, True), (3, False), (4, False), (5, True)]
+    assert [(a.message.seq, bool(a.message.dh.abs().sum())) for a in answers] == [
+        (0, False), (1, False), (2, True), (3, False), (4, False), (5, True)]  # zeros, then dh
     assert answers[2].message.dh.shape == (8, 6) and b.counters.steps == 2
     assert "outside the window [6, 12)" in rejects(b.receive("a", act(12, "a->b", d=6)))[0].reason
 
