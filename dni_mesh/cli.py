@@ -1,5 +1,5 @@
 """`dni-mesh`: run a mesh, check a topology file, run one node of a mesh spread over machines,
-benchmark a mesh, or plot finished runs.
+benchmark a mesh, plot finished runs, or make a mesh's CURVE keys.
 
 Exit codes: 0 success, 1 a node or the run failed, 2 an invalid topology or command line,
 130 interrupted (SIGINT/SIGTERM).
@@ -61,6 +61,15 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--start", choices=["fork", "exec"], default="fork",
                      help="fork: nodes fork from one process that imported torch once (fast "
                           "start-up); exec: a fresh interpreter per node (always so with netns)")
+    run.add_argument("--launcher", choices=["local", "ray"], default="local",
+                     help="local: node processes on this machine; ray: each node a process on a "
+                          "Ray cluster, placed by the topology's `ray` keys (needs the ray extra)")
+    run.add_argument("--address", metavar="ADDRESS",
+                     help="with --launcher ray: the Ray cluster's address, or auto (default: a "
+                          "private Ray instance on this machine, bound to 127.0.0.1)")
+    run.add_argument("--control-host", metavar="IP",
+                     help="the address of this machine the launcher's control inbox binds; "
+                          "every node must reach it (default 127.0.0.1)")
 
     plot = sub.add_parser("plot", help="draw loss, test accuracy, synthesizer loss and samples/s "
                           "per node of one or more runs, side by side, into a PNG")
@@ -103,7 +112,46 @@ def parser() -> argparse.ArgumentParser:
     restart.add_argument("--rejoin", action="store_true",
                          help="this node died while its mesh runs on: start from its newest "
                               "checkpoint in --run-dir (or from scratch) and rejoin its neighbours")
+
+    keys = sub.add_parser("keys", help="make a CURVE key pair for every node of a mesh and one for "
+                          "the launcher (NAME.key public, NAME.key_secret mode 0600)")
+    keys.add_argument("folder", type=Path, help="the key folder; refused if any of the files exists")
+    names = keys.add_mutually_exclusive_group(required=True)
+    names.add_argument("topology", nargs="?", help="topology YAML file: a key pair per node")
+    names.add_argument("--nodes", type=lambda text: [n.strip() for n in text.split(",") if n.strip()],
+                       metavar="A,B,C", help="the node names, comma-separated")
     return p
+
+
+def _keys(args: argparse.Namespace) -> int:
+    """`dni-mesh keys`: the files it wrote, and where each belongs. No key is ever printed."""
+    from dni_mesh.security import LAUNCHER, SecurityError, create_keys
+    try:
+        nodes = args.nodes if args.topology is None else list(load_topology(args.topology).nodes)
+        if not nodes:
+            raise SecurityError("no node names given")
+        if LAUNCHER in nodes:
+            raise SecurityError(f"a node may not be named {LAUNCHER!r}: that is the launcher's key")
+        names = create_keys(args.folder, [*nodes, LAUNCHER])
+    except (TopologyError, SecurityError) as error:
+        print(f"dni-mesh: keys: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(names)} key pairs to {args.folder}: {', '.join(names)}\n"
+          f"  NAME.key (public): copy every one to every host of the mesh\n"
+          f"  NAME.key_secret (mode 0600): only to the host that runs NAME; the launcher's to the "
+          f"host of `dni-mesh run`")
+    return 0
+
+
+def _launcher_conflict(args: argparse.Namespace) -> str | None:
+    """What is wrong with `run`'s choice of launcher and addresses, if anything: each network
+    namespace has its own control address, and --address only means something to Ray."""
+    if args.address is not None and args.launcher != "ray":
+        return "--address goes with --launcher ray"
+    if args.hosts == "netns" and (args.launcher == "ray" or args.control_host is not None):
+        return "--hosts netns starts its own nodes and control address: not with --launcher ray " \
+               "or --control-host"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "plot":
         from dni_mesh.plot import plot_main
         return plot_main(args)
+    if args.command == "keys":
+        return _keys(args)
     resuming = args.command == "run" and args.resume is not None
     if args.command == "run" and (resuming == (args.topology is not None) or
                                   (resuming and args.run_dir is not None)):
@@ -144,14 +194,20 @@ def main(argv: list[str] | None = None) -> int:
         from dni_mesh.node import run_node
         return run_node(topology, args.name, args.control, args.run_dir, args.kernel_bandwidth,
                         **_given(stall_s=args.stall_timeout, plan_path=args.plan,
-                                 resume_at=args.resume), rejoin=args.rejoin)
+                                 resume_at=args.resume), rejoin=args.rejoin,
+                        curve_keys=topology.curve_keys)
     forkserver = None
-    if args.command == "run" and args.start == "fork" and args.hosts == "local":
+    if args.command == "run" and (conflict := _launcher_conflict(args)):
+        print(f"dni-mesh: run: {conflict}", file=sys.stderr)
+        return 2
+    if args.command == "run" and args.start == "fork" and args.hosts == "local" and \
+            args.launcher == "local":
         from dni_mesh.forkserver import ForkServer, node_environment
         forkserver = ForkServer(node_environment())  # before our imports of torch: they overlap
     from dni_mesh.launch import (CannotResume, Interrupted, NodeFailed, NodeStart, PortInUse,
                                  resume_point, resumed_topology, run)
     from dni_mesh.netns import NetnsError, Network
+    from dni_mesh.security import SecurityError
     try:
         if args.command == "bench":
             from dni_mesh.bench import bench_main
@@ -164,17 +220,21 @@ def main(argv: list[str] | None = None) -> int:
         options = dict(run_dir=run_dir, summary_path=args.summary, live=not args.no_live,
                        topology=topology, tensorboard=args.tensorboard,
                        start=NodeStart(args.start), forkserver=forkserver, resume_at=resume_at,
-                       **_given(stall_s=args.stall_timeout))
-        if args.hosts == "netns":
+                       **_given(stall_s=args.stall_timeout, control_host=args.control_host))
+        if args.launcher == "ray":
+            from dni_mesh.ray_launcher import run_on_ray
+            run_on_ray(topology.path, overrides, address=args.address, **options)
+        elif args.hosts == "netns":
             with Network(topology) as network:
                 run(topology.path, overrides, wrap=network.wrap,
                     control_host=network.control_host, **options)
         else:
             run(topology.path, overrides, **options)
-    except (TopologyError, NetnsError, PortInUse, MissingExtra, NodeFailed, CannotResume) as error:
+    except (TopologyError, NetnsError, PortInUse, MissingExtra, NodeFailed, CannotResume,
+            SecurityError) as error:
         failures = ((TopologyError, "invalid topology: ", 2), (NetnsError, "--hosts netns: ", 2),
                     (PortInUse, "", 2), (MissingExtra, "", 1), (NodeFailed, "run failed: ", 1),
-                    (CannotResume, "cannot resume: ", 2))
+                    (CannotResume, "cannot resume: ", 2), (SecurityError, "CURVE: ", 2))
         prefix, code = next((p, c) for kind, p, c in failures if isinstance(error, kind))
         print(f"dni-mesh: {prefix}{error}", file=sys.stderr)
         return code

@@ -29,12 +29,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
 
 import zmq
 
 from dni_mesh import wire
 from dni_mesh.checkpoint import saved_seqs
-from dni_mesh.forkserver import ForkedProcess, ForkServer, ForkServerFailed, node_environment
+from dni_mesh.security import LAUNCHER, Curve, curve_for
+from dni_mesh.forkserver import ForkServer, ForkServerFailed, node_environment
 from dni_mesh.live import LiveView, restarts_text
 from dni_mesh.topology import Topology, load_topology
 from dni_mesh.transport import Inbox, TransportConfig, free_port_range
@@ -56,6 +58,27 @@ class NodeStart(enum.Enum):
     """How the launcher starts a node's process."""
     FORK = "fork"  # forked from a server that imported torch once (dni_mesh.forkserver): fast
     EXEC = "exec"  # a fresh interpreter per node; what a wrapped command (--hosts netns) needs
+
+
+class NodeHandle(Protocol):
+    """What the launcher needs of a node's process, wherever it runs: `subprocess.Popen`,
+    `ForkedProcess`, or a process on a Ray cluster (`dni_mesh.ray_launcher`)."""
+    pid: int
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+
+class NodeStarter(Protocol):
+    """Starts node processes that this machine's process table does not hold (on a Ray
+    cluster, say): the launcher gives it each node's command line, environment and log file,
+    supervises what it returns like a local process, and asks it to kill what must die."""
+
+    def start(self, name: str, arguments: list[str], env: dict[str, str], log_path: Path,
+              append: bool) -> NodeHandle: ...
+
+    def kill(self, name: str, process: NodeHandle) -> None: ...
 
 
 class NodeFailed(RuntimeError):
@@ -111,7 +134,7 @@ class Outage:
 class NodeProcess:
     """One node's process and what the launcher has heard from it."""
     name: str
-    process: subprocess.Popen | ForkedProcess
+    process: NodeHandle
     log_path: Path
     hello: wire.Hello | None = None
     ready: bool = False
@@ -134,7 +157,7 @@ class NodeProcess:
     def done(self) -> bool:
         return bool(self.final) or self.process.poll() == 0
 
-    def restarted(self, process: subprocess.Popen | ForkedProcess, now: float) -> None:
+    def restarted(self, process: NodeHandle, now: float) -> None:
         """Watch the process that replaces a dead one as a new start: it must say hello and be
         ready within STARTUP_S, and what its predecessor said no longer counts."""
         self.process, self.hello, self.ready, self.final = process, None, False, {}
@@ -152,6 +175,14 @@ Wrap = Callable[[str, list[str]], list[str]]
 
 def no_wrap(node: str, command: list[str]) -> list[str]:
     return command
+
+
+def launcher_curve(topology: Topology) -> Curve | None:
+    """The launcher's CURVE keys when the topology turns CURVE on: its control inbox then
+    admits the mesh's nodes only (SecurityError names a missing or unsafe key file)."""
+    if topology.curve_keys is None:
+        return None
+    return curve_for(topology.curve_keys, LAUNCHER, topology.nodes)
 
 
 def node_arguments(topology: Topology, name: str, overrides: Sequence[str], control: str,
@@ -180,7 +211,8 @@ class Launcher:
                  live: bool = True, wrap: Wrap = no_wrap, control_host: str = "127.0.0.1",
                  silence_s: float = SILENCE_S, stall_s: float = STALL_S, quiet: bool = False,
                  tensorboard: bool = False, forkserver: ForkServer | None = None,
-                 started: float | None = None, resume_at: int | None = None):
+                 started: float | None = None, resume_at: int | None = None,
+                 starter: NodeStarter | None = None):
         self.board = None  # first: MissingExtra (no tensorboard package) before any socket opens
         if tensorboard:
             from dni_mesh.tensorboard import TensorBoardLog
@@ -190,14 +222,16 @@ class Launcher:
         self.run_dir = run_dir
         self.wrap = wrap
         self.forkserver = forkserver  # None: every node is a fresh interpreter (NodeStart.EXEC)
+        self.starter = starter  # not None: it starts every node, elsewhere (neither of the above)
         self.resume_at = resume_at  # every node resumes from its checkpoint saved before this seq
         self.started = time.monotonic() if started is None else started
         self.context = zmq.Context()
         # Linger 0: the launcher only answers Ends and sends Stops, and closes once every node
         # has exited. Control messages carry no tensors: nothing bigger than a header is taken.
         config = TransportConfig(linger_ms=0, max_msg_bytes=wire.DEFAULT_LIMITS.max_header_bytes,
-                                 limits=replace(wire.DEFAULT_LIMITS, max_tensors=0))
-        self.inbox = Inbox(f"tcp://{control_host}:0", "launcher", config, self.context)
+                                 limits=replace(wire.DEFAULT_LIMITS, max_tensors=0),
+                                 curve=launcher_curve(topology))
+        self.inbox = Inbox(f"tcp://{control_host}:0", LAUNCHER, config, self.context)
         self.nodes: dict[str, NodeProcess] = {}
         self.silence_s = silence_s
         self.stall_s = stall_s
@@ -225,13 +259,15 @@ class Launcher:
         return self.run_dir / f"{name}.log"
 
     def start_node(self, name: str, resume_at: int | None = None, append: bool = False,
-                   rejoin: bool = False) -> subprocess.Popen | ForkedProcess:
-        """Start one node's process, forked or executed, its output into NODE.log: for the
-        run's start and for each restart alike."""
+                   rejoin: bool = False) -> NodeHandle:
+        """Start one node's process, forked, executed or by the starter, its output into
+        NODE.log: for the run's start and for each restart alike."""
         env = {**node_environment(), "OMP_NUM_THREADS": str(self.topology.nodes[name].threads)}
         arguments = node_arguments(self.topology, name, self.overrides, self.inbox.address,
                                    self.run_dir, resume_at, rejoin)
         log_path = self.log_path(name)
+        if self.starter is not None:
+            return self.starter.start(name, arguments, env, log_path, append)
         if self.forkserver is not None:
             try:
                 return self.forkserver.start(arguments, env, log_path, Path.cwd(), append)
@@ -398,8 +434,16 @@ class Launcher:
                 self.take(envelope.peer, envelope.message)
         for node in self.nodes.values():
             if node.process.poll() is None:
-                os.killpg(node.process.pid, signal.SIGKILL)
-                node.process.wait()
+                self.kill(node)
+
+    def kill(self, node: NodeProcess) -> None:
+        """SIGKILL the node's process group (a wrapped command's children too), or have the
+        starter that started it kill it where it runs."""
+        if self.starter is not None:
+            self.starter.kill(node.name, node.process)
+        else:
+            os.killpg(node.process.pid, signal.SIGKILL)
+        node.process.wait()
 
     def close(self) -> None:
         self.metrics.close()
@@ -420,6 +464,7 @@ class Launcher:
             "test_bits_per_token": evals[-1].get("test_bits_per_token") if evals else None,
             "train_samples_per_s": heads[0].final.get("samples_per_s") if heads else None,
             "wall_s": round(wall_s, 3), "run_dir": str(self.run_dir),
+            "control_refused_connections": self.inbox.refused_connections,
             # Start-up: from the call of run() until the head's first training step.
             "first_step_s": heads[0].first_step_s if heads else None,
             "nodes": {name: {"pid": n.process.pid, "role": t.nodes[name].role,
@@ -430,6 +475,11 @@ class Launcher:
                              "unexpected": n.final.get("unexpected"),
                              "rejected": n.final.get("rejected"),
                              "dropped_messages": n.final.get("dropped_messages"),
+                             "expired": n.final.get("expired"),
+                             # CURVE: messages from a connection whose key is not the name it
+                             # claims, and handshakes refused (no key, a foreign key).
+                             "refused": n.final.get("refused"),
+                             "refused_connections": n.final.get("refused_connections"),
                              "max_rss_mb": n.final.get("max_rss_mb"),
                              "first_step_s": n.first_step_s,
                              # Restarts (the topology's `restart` policy) and what they cost.
@@ -445,7 +495,8 @@ def run(topology_path: str | Path, overrides: Sequence[str] = (), run_dir: Path 
         topology: Topology | None = None, control_host: str = "127.0.0.1",
         silence_s: float = SILENCE_S, stall_s: float = STALL_S, quiet: bool = False,
         tensorboard: bool = False, start: NodeStart = NodeStart.FORK,
-        forkserver: ForkServer | None = None, resume_at: int | None = None) -> dict:
+        forkserver: ForkServer | None = None, resume_at: int | None = None,
+        starter: NodeStarter | None = None) -> dict:
     """Run a whole mesh on this machine; returns (and optionally writes) the summary.
 
     The Python API of `dni-mesh run`: `live` shows the live table on a terminal, `quiet` prints
@@ -460,6 +511,10 @@ def run(topology_path: str | Path, overrides: Sequence[str] = (), run_dir: Path 
     `forkserver`: one already started (the CLI starts it before its own imports, so that they
     overlap); the caller closes it. Without one, run() starts and closes its own.
 
+    `starter`: starts every node instead (`NodeStarter`, e.g. on a Ray cluster:
+    `dni_mesh.ray_launcher.run_on_ray`); `start`, `forkserver` and `wrap` are then unused, and
+    `control_host` must be an address of this machine that the nodes reach.
+
     `resume_at`: continue the run in `run_dir` from every node's checkpoint saved before this
     seq (`resume` finds it).
 
@@ -472,11 +527,12 @@ def run(topology_path: str | Path, overrides: Sequence[str] = (), run_dir: Path 
     """
     started = time.monotonic()
     topology = topology or load_topology(topology_path, overrides)
+    run_dir = Path(run_dir) if run_dir is not None else None
     # First, so that its imports overlap ours and the plan's dry runs below.
-    own = forkserver is None and start is NodeStart.FORK and wrap is no_wrap
+    own = forkserver is None and start is NodeStart.FORK and wrap is no_wrap and starter is None
     if own:
         forkserver = ForkServer(node_environment())
-    elif start is NodeStart.EXEC or wrap is not no_wrap:
+    elif start is NodeStart.EXEC or wrap is not no_wrap or starter is not None:
         forkserver = None
     try:
         from dni_mesh.build import resolve_plan  # imports torch: after the fork server started
@@ -489,7 +545,7 @@ def run(topology_path: str | Path, overrides: Sequence[str] = (), run_dir: Path 
         launcher = Launcher(topology, overrides, run_dir, live=live, wrap=wrap,
                             control_host=control_host, silence_s=silence_s, stall_s=stall_s,
                             quiet=quiet, tensorboard=tensorboard, forkserver=forkserver,
-                            started=started, resume_at=resume_at)
+                            started=started, resume_at=resume_at, starter=starter)
     except BaseException:
         if own:
             forkserver.close()

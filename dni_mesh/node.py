@@ -13,6 +13,10 @@ liveness:
 - Stop is taken only from the launcher, over the connection this node opened to it: a Stop
   that arrives in the inbox, where anyone can send, is counted and dropped.
 
+With the mesh's CURVE keys (`curve_keys`, see `dni_mesh.security`) every socket of the node uses
+CURVE: its inbox admits only its neighbours' keys, and its peers (the control one included)
+accept only the key of the process they dial.
+
 A node started by hand (no launcher) supervises itself: it prints a start line, its progress,
 each evaluation and a final line to the terminal, says what it waits for while idle, and exits
 with an error once it has made no progress for `stall_s` (a neighbour died or never came).
@@ -39,6 +43,7 @@ from dni_mesh.build import build_core, largest_tensor, node_plan
 from dni_mesh.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from dni_mesh.core import Acknowledge, Action, Core, EndEdge, Record, Reject, Save, Send, StageCore
 from dni_mesh.link import Link, link_to
+from dni_mesh.security import LAUNCHER, Curve, SecurityError, curve_for
 from dni_mesh.topology import Topology
 from dni_mesh.transport import BLOCK, Envelope, Inbox, Peer, TransportConfig, TransportError
 
@@ -95,8 +100,26 @@ class Console:
         self.say(f"{event} " + " ".join(f"{k}={v}" for k, v in shown.items()))
 
 
-def transport_config(topology: Topology, largest_tensor: int) -> TransportConfig:
-    """The topology's transport settings, made safe for the core's flow control.
+def neighbours(topology: Topology, name: str) -> set[str]:
+    """The nodes at the other end of `name`'s edges: all it sends to and all that may send to it."""
+    return {e.dst for e in topology.outputs(name)} | {e.src for e in topology.inputs(name)}
+
+
+def node_curve(keys: Path | None, topology: Topology, name: str, control: str | None) -> Curve | None:
+    """The node's CURVE keys from the mesh's key folder (None: no CURVE). Its inbox admits its
+    neighbours, whose inboxes its peers dial; the launcher's public key is checked up front too,
+    so that a missing key file stops the node before any socket opens."""
+    if keys is None:
+        return None
+    curve = curve_for(keys, name, neighbours(topology, name))
+    if control is not None:
+        curve.server_key(LAUNCHER)  # raises SecurityError naming the missing file
+    return curve
+
+
+def transport_config(topology: Topology, largest_tensor: int, curve: Curve | None = None) -> TransportConfig:
+    """The topology's transport settings, made safe for the core's flow control, with the
+    node's CURVE keys if it has them.
 
     Every kind blocks (the window, not dropping, bounds the queues) and the high-water marks
     leave room for a full window from each peer plus the control messages beside it. No
@@ -117,6 +140,7 @@ def transport_config(topology: Topology, largest_tensor: int) -> TransportConfig
     config.max_msg_bytes = min(config.max_msg_bytes, bound)
     config.limits = replace(config.limits, max_tensor_bytes=min(config.limits.max_tensor_bytes, bound),
                             max_message_bytes=min(config.limits.max_message_bytes, 2 * bound))
+    config.curve = curve
     return config
 
 
@@ -128,15 +152,17 @@ class Runtime:
     """
 
     def __init__(self, topology: Topology, name: str, control: str | None, run_dir: Path,
-                 stall_s: float = STALL_S, resumed: bool = False):
+                 stall_s: float = STALL_S, resumed: bool = False, curve: Curve | None = None):
         """Open the control connection and say Hello at once, so the launcher hears from the
-        node while it builds its core; `connect` opens the mesh's sockets after that."""
+        node while it builds its core; `connect` opens the mesh's sockets after that. curve:
+        this node's CURVE keys (`dni_mesh.security.curve_for`), for every socket."""
         self.topology = topology
         self.name = name
         self.console = None if control else Console(name)
         self.stall_s = stall_s
+        self.curve = curve
         self.context = zmq.Context()
-        self.control = (Peer(control, name, transport_config(topology, 0), self.context)
+        self.control = (Peer(control, name, transport_config(topology, 0, curve), self.context, server=LAUNCHER)
                         if control else None)
         self.inbox: Inbox | None = None
         self.peers: dict[str, Peer | Link] = {}
@@ -159,7 +185,7 @@ class Runtime:
         kernel_bandwidth: the network (`--hosts netns`) shapes the bandwidth between hosts, so
         links here only delay."""
         topology, name = self.topology, self.name
-        config = transport_config(topology, largest_tensor)
+        config = transport_config(topology, largest_tensor, self.curve)
         spec = topology.nodes[name]
         try:
             self.inbox = Inbox(spec.address, name, config, self.context)
@@ -167,11 +193,10 @@ class Runtime:
             raise Unbindable(f"node {name}: {error}; move it with --set nodes.{name}.port=N or "
                              f"hosts.{spec.host}.base_port, and check that {spec.address} is an "
                              "address of this machine") from None
-        neighbours = {e.dst for e in topology.outputs(name)} | {e.src for e in topology.inputs(name)}
         self.peers = {n: link_to(topology, name, n,
-                                 Peer(topology.nodes[n].address, name, config, self.context),
+                                 Peer(topology.nodes[n].address, name, config, self.context, server=n),
                                  kernel_bandwidth)
-                      for n in sorted(neighbours)}
+                      for n in sorted(neighbours(topology, name))}
         if self.console is not None:
             self.console.say(f"ready, inbox {self.inbox.address}; in-edges "
                              f"{', '.join(e.name for e in topology.inputs(name)) or 'none'}; out-edges "
@@ -266,6 +291,8 @@ class Runtime:
         self.record({"event": "final", "status": status, **counters,
                      "samples_per_s": core.rate() if core is not None else 0.0,
                      "bad_messages": self.inbox.bad_messages if self.inbox is not None else 0,
+                     "refused": self.inbox.refused if self.inbox is not None else 0,
+                     "refused_connections": self.inbox.refused_connections if self.inbox is not None else 0,
                      "dropped_messages": sum(p.dropped for p in self.peers.values()),
                      "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)},
                     force=True)
@@ -286,17 +313,24 @@ class Runtime:
 def run_node(topology: Topology, name: str, control: str | None, run_dir: Path,
              kernel_bandwidth: bool = False, stall_s: float = STALL_S,
              plan_path: Path | None = None, resume_at: int | None = None,
-             rejoin: bool = False) -> int:
+             rejoin: bool = False, curve_keys: Path | None = None) -> int:
     """Run one node to the end of its data; returns the process exit code. stall_s applies to a
     node without a launcher (control None); with one, the launcher watches progress. plan_path:
     the mesh's plan (`dni-mesh run` writes one), so that the node builds only its own module;
     without it the node resolves the plan itself. resume_at: start from the node's checkpoint
     in run_dir saved before this seq (every node of the mesh must resume at the same one).
     rejoin: this node died and was restarted while the mesh runs on: start from its newest
-    checkpoint in run_dir (or from scratch) and rejoin its neighbours where they are."""
+    checkpoint in run_dir (or from scratch) and rejoin its neighbours where they are.
+    curve_keys: the mesh's key folder (`dni-mesh keys`): CURVE on every socket; a key that is
+    missing or readable by others ends the node with code 2 before any socket opens."""
+    try:
+        curve = node_curve(curve_keys, topology, name, control)
+    except SecurityError as error:
+        print(f"node {name}: {error}", file=sys.stderr, flush=True)
+        return 2
     torch.set_num_threads(topology.nodes[name].threads)
     runtime = Runtime(topology, name, control, run_dir, stall_s,
-                      resumed=resume_at is not None or rejoin)
+                      resumed=resume_at is not None or rejoin, curve=curve)
     status, code, core = "done", 0, None
     try:
         found = node_plan(topology, name, plan_path)

@@ -53,6 +53,7 @@ class HostSpec:
     name: str
     address: str  # what nodes on this host bind and what their peers connect to
     base_port: int
+    ray: dict[str, Any] | None = None  # the Ray placement of its nodes (RayFile's fields)
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,7 @@ class NodeSpec:
     port: int
     address: str  # tcp://{host address}:{port}, the node's inbox
     mode: str | None  # the mode of its out-edges; None for a head
+    ray: dict[str, Any] | None = None  # num_cpus, num_gpus, resources: its own, else its host's
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,7 @@ class Topology:
     links: dict[str, LinkSpec]  # by EdgeSpec.name, one for every edge
     transport: dict[str, Any]  # keyword arguments for TransportConfig
     checkpoint: dict[str, Any]  # keyword arguments for dni_mesh.checkpoint.CheckpointPolicy
+    curve_keys: Path | None  # `security.curve.keys`: CURVE on every socket; None: off
     path: Path  # the file, absolute
     root: Path  # its folder: import paths resolve against it
     raw: RawTopology | None = field(default=None, repr=False, compare=False)  # for `error`
@@ -166,7 +169,8 @@ def load_topology(path: str | Path, overrides: Sequence[str] = (), *,
     edges = _edges(raw, top)
     _check_graph(raw, settings, edges)
     modes = _out_modes(raw, settings, edges)
-    hosts = {name: HostSpec(name, h.address, h.base_port) for name, h in top.hosts.items()}
+    hosts = {name: HostSpec(name, h.address, h.base_port, h.ray and h.ray.model_dump())
+             for name, h in top.hosts.items()}
     places = _places(raw, settings, hosts)
     nodes = {name: _node_spec(raw, name, node, modes[name], hosts[places[name][0]], places[name][1])
              for name, node in settings.items()}
@@ -176,7 +180,10 @@ def load_topology(path: str | Path, overrides: Sequence[str] = (), *,
         name=top.name or file_path.stem, mode=top.mode, seed=top.seed,
         data=_data_spec(top.data, file_path.parent), nodes=nodes, edges=edges, hosts=hosts,
         links=_links(raw, top.links, edges), transport=_transport(raw, top.transport),
-        checkpoint=top.checkpoint.model_dump(), path=file_path, root=file_path.parent, raw=raw)
+        checkpoint=top.checkpoint.model_dump(),
+        curve_keys=(file_path.parent / Path(top.security.curve.keys).expanduser()
+                    if top.security.curve is not None else None),
+        path=file_path, root=file_path.parent, raw=raw)
     if check_imports:
         _check_imports(raw, topology)
     return topology
@@ -370,7 +377,8 @@ def _node_spec(raw: RawTopology, name: str, node: NodeFile, mode: str | None, ho
         threads=node.threads, window=node.window, bp_lambda=node.bp_lambda, time=node.time,
         max_restarts=node.restart.max, tick=node.tick, objective=node.objective,
         objective_args=node.objective_args, host=host.name, port=port,
-        address=f"tcp://{host.address}:{port}", mode=mode)
+        address=f"tcp://{host.address}:{port}", mode=mode,
+        ray=node.ray.model_dump() if node.ray is not None else host.ray)
 
 
 def _check_clocks(raw: RawTopology, nodes: dict[str, NodeSpec], edges: list[EdgeSpec],

@@ -94,6 +94,15 @@ class RestartFile(_Strict):
     max: Annotated[int, Field(ge=0)] = 0  # 0: never; a death fails the run
 
 
+class RayFile(_Strict):
+    """Where the Ray launcher places a node (dni_mesh.ray_launcher): the Ray resources its actor
+    holds, so Ray puts it on a Ray node that has them. None: the node's `threads` CPUs, and one
+    GPU on a cuda device."""
+    num_cpus: NonNegative | None = None
+    num_gpus: NonNegative | None = None
+    resources: dict[str, NonNegative] = Field(default_factory=dict)  # custom Ray resources
+
+
 class SettingsFile(_Strict):
     """Per-node settings: `defaults` sets them for every node, a node may override any."""
 
@@ -106,6 +115,7 @@ class SettingsFile(_Strict):
     time: Time | None = None  # a recurrent module, and what crosses its chunk boundaries
     tick: PositiveInt = 1  # the node steps once every `tick` seqs (a head)
     restart: RestartFile = Field(default_factory=RestartFile)
+    ray: RayFile | None = None  # None: its host's `ray`
 
 
 class NodeFile(SettingsFile):
@@ -131,6 +141,7 @@ class DataFile(_Strict):
 class HostFile(_Strict):
     address: str
     base_port: Port = 5600
+    ray: RayFile | None = None  # for every node on this host that has no `ray` of its own
 
 
 class LinkFile(_Strict):
@@ -152,6 +163,14 @@ class CheckpointFile(_Strict):
     at_evaluation: bool = True
 
 
+class CurveFile(_Strict):
+    keys: str  # the folder `dni-mesh keys` wrote; relative to the topology file's folder
+
+
+class SecurityFile(_Strict):
+    curve: CurveFile | None = None  # None: no authentication, no encryption
+
+
 class TopologyFile(_Strict):
     """The top level. Sections whose entries need their own key in errors stay raw here."""
 
@@ -162,6 +181,7 @@ class TopologyFile(_Strict):
     defaults: dict[str, Any] = Field(default_factory=dict)
     transport: dict[str, Any] = Field(default_factory=dict)
     checkpoint: CheckpointFile = Field(default_factory=CheckpointFile)
+    security: SecurityFile = Field(default_factory=SecurityFile)
     links: dict[str, dict[str, Any]] = Field(default_factory=dict)
     nodes: dict[str, dict[str, Any]]
     edges: list[Any]

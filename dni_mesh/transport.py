@@ -12,30 +12,50 @@ Messages are `wire.encode` frames. Tensor frames go out zero-copy (pyzmq still c
 logged, counted and dropped: a bad peer can never raise inside the receiving node. The transport
 never answers a message on its own: whether an End is acknowledged is the application's decision.
 
+With `TransportConfig.curve` (`dni_mesh.security.Curve`) every socket uses CURVE, ZeroMQ's
+authenticated encryption: the inbox is a CURVE server whose ZAP handler (a `Gatekeeper` thread)
+admits only its clients' public keys and names each connection after its key, and a peer is a
+CURVE client that knows the public key of the inbox it dials. The inbox then takes the sender's
+name from the key (the frame's "User-Id"), never from the routing id. Connections that fail the
+handshake never reach the application; they are counted.
+
 Share one `zmq.Context` per process: create it in `main` and pass it to every Inbox and Peer (its
 one I/O thread carries about 2 GB/s on a loaded 2-core machine). Without one, each socket gets a
-private context that `close` ends.
+private context that `close` ends. A context holds one ZAP handler, so one CURVE inbox.
 Sockets are not thread-safe: use each Inbox and Peer from one thread.
 """
 
 from __future__ import annotations
 
 import logging
+import contextlib
 import math
 import random
 import socket
+import threading
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import zmq
+from zmq.utils import z85
 
 from dni_mesh import wire
+from dni_mesh.security import Curve
 
 log = logging.getLogger(__name__)
 
 BLOCK = "block"
 DROP = "drop"
+ZAP_DOMAIN = "dni-mesh"
+ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+"""Where libzmq asks for ZAP answers (RFC 27): one handler per zmq.Context."""
+CURVE_OVERHEAD = 33
+"""Bytes CURVE adds to a frame on the wire (command name, nonce, MAC, flags): libzmq checks
+MAXMSGSIZE against the encrypted frame."""
+REFUSED_EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                  | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
 
 def _default_policy() -> dict[str, str]:
@@ -80,6 +100,9 @@ class TransportConfig:
     """How long "block" waits for room before raising PeerTimeout; None waits forever."""
     poll_slice_ms: int = 100
     """Longest single wait inside libzmq, so that signals (Ctrl-C) are handled while blocked."""
+    curve: Curve | None = None
+    """This process's CURVE keys (`dni_mesh.security.curve_for`); None: no authentication and no
+    encryption, and whoever reaches a port can send (see ROUTER_HANDOVER in Inbox)."""
 
     def __post_init__(self) -> None:
         bad = {kind: how for kind, how in self.policy.items() if how not in (BLOCK, DROP)}
@@ -176,11 +199,103 @@ def _log_this_one(count: int) -> bool:
     return count <= 10 or count % 1000 == 0
 
 
+class Gatekeeper:
+    """The ZAP handler of one CURVE inbox, and the count of the handshakes it refused.
+
+    Its own thread answers ZAP requests (a client's key admitted: the connection is named after
+    it; any other: refused) and drains the inbox's socket monitor of failed handshakes. The monitor
+    is drained at once, not at the application's pace, because libzmq blocks its I/O thread on a
+    full monitor socket: a flood of refused connections during a long step would stall every
+    socket of the process. It binds the context's one ZAP endpoint.
+    """
+
+    def __init__(self, sock: zmq.Socket, inbox: str, clients: Mapping[bytes, str]):
+        """Answer for `sock` (an inbox not bound yet) from now on; `clients`: admitted public
+        key (Z85) -> the name a connection with it speaks as."""
+        context = sock.context
+        self.inbox = inbox
+        self.refused_handshakes = 0
+        """Connections whose handshake failed: no key, a key not admitted, a wrong server key,
+        not ZMTP. A peer that keeps redialling is counted at every attempt."""
+        self._names = dict(clients)
+        self._refused_keys = 0
+        self._watched = sock
+        self._zap = context.socket(zmq.REP)
+        self._zap.setsockopt(zmq.LINGER, 0)
+        try:
+            self._zap.bind(ZAP_ENDPOINT)
+        except zmq.ZMQError:
+            self._zap.close()
+            raise
+        self._monitor = sock.get_monitor_socket(REFUSED_EVENTS)
+        wake = f"inproc://gatekeeper-{id(self)}"
+        self._wake = context.socket(zmq.PAIR)
+        self._wake.bind(wake)
+        woken = context.socket(zmq.PAIR)
+        woken.connect(wake)
+        self._thread = threading.Thread(target=self._serve, args=(woken,), daemon=True,
+                                        name=f"gatekeeper-{inbox}")
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop the monitor first (libzmq must not send to a monitor nobody reads), then the thread."""
+        self._watched.disable_monitor()
+        with contextlib.suppress(zmq.Again):  # the thread is gone already
+            self._wake.send(b"", zmq.NOBLOCK)
+        self._thread.join()
+        self._wake.close(linger=0)
+
+    def _serve(self, woken: zmq.Socket) -> None:
+        """Until woken. Should it fail, its sockets close and, ZAP being enforced, the inbox admits
+        no one from then on: it fails closed."""
+        poller = zmq.Poller()
+        for sock in (self._zap, self._monitor, woken):
+            poller.register(sock, zmq.POLLIN)
+        try:
+            while woken not in (ready := dict(poller.poll())):
+                if self._zap in ready:
+                    self._answer(self._zap.recv_multipart())
+                if self._monitor in ready:
+                    self._count(self._monitor.recv_multipart())
+        except Exception:
+            log.exception("inbox %s: the ZAP handler failed; no connection is admitted from now on", self.inbox)
+        finally:
+            for sock in (self._zap, self._monitor, woken):
+                sock.close(linger=0)
+
+    def _answer(self, request: list[bytes]) -> None:
+        """RFC 27: admit a client's CURVE key under its name; refuse anything else."""
+        _version, request_id, _domain, address, _identity, mechanism, *credentials = request
+        key = z85.encode(credentials[0]) if mechanism == b"CURVE" and len(credentials) == 1 else None
+        name = self._names.get(key)
+        if name is not None:
+            self._zap.send_multipart([b"1.0", request_id, b"200", b"OK", name.encode(), b""])
+            return
+        self._refused_keys += 1
+        if _log_this_one(self._refused_keys):
+            log.warning("inbox %s: refused key #%d, %s from %s: not a key this inbox admits", self.inbox,
+                        self._refused_keys, key.decode() if key else mechanism.decode(errors="replace"),
+                        address.decode(errors="replace"))
+        self._zap.send_multipart([b"1.0", request_id, b"400", b"key not admitted", b"", b""])
+
+    def _count(self, frames: list[bytes]) -> None:
+        event = int.from_bytes(frames[0][:2], "little")
+        if not event & REFUSED_EVENTS:
+            return
+        self.refused_handshakes += 1
+        if _log_this_one(self.refused_handshakes):
+            log.warning("inbox %s: refused handshake #%d: %s (%#x)", self.inbox, self.refused_handshakes,
+                        zmq.Event(event).name, int.from_bytes(frames[0][2:6], "little"))
+
+
 class _Endpoint:
     """A socket with the config's options applied and a close that never hangs."""
 
-    def __init__(self, kind: int, config: TransportConfig | None, context: zmq.Context | None):
+    def __init__(self, kind: int, name: str, config: TransportConfig | None, context: zmq.Context | None):
         self.config = config or TransportConfig()
+        if self.config.curve is not None and self.config.curve.name != name:
+            raise ValueError(f"{name!r} cannot use the CURVE keys of {self.config.curve.name!r}")
+        self.name = name
         self._own_context = context is None
         self._context = zmq.Context() if context is None else context
         sock = self._context.socket(kind)
@@ -217,12 +332,14 @@ class Inbox(_Endpoint):
     """The one socket a process receives on (ROUTER), bound to `address`.
 
     "tcp://127.0.0.1:0" binds a free port; `address` then holds the real endpoint to hand out.
+    With CURVE, a message's sender is the name of the key that sent it; a message whose connection
+    claims another name as its routing id is refused (counted in refused_by_peer), and connections
+    that fail the handshake are counted in refused_connections.
     """
 
     def __init__(self, address: str, name: str, config: TransportConfig | None = None,
                  context: zmq.Context | None = None):
-        super().__init__(zmq.ROUTER, config, context)
-        self.name = name
+        super().__init__(zmq.ROUTER, name, config, context)
         # Heartbeats: PING peers but never time them out ourselves (see heartbeat_timeout_ms).
         self._socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, 0)
         self._socket.setsockopt(zmq.HEARTBEAT_TTL, self.config.heartbeat_timeout_ms)
@@ -233,19 +350,54 @@ class Inbox(_Endpoint):
         # would take over a node's edge by using its name. The price: a node restarted after its
         # host died (no TCP close reached the inbox) is ignored until TCP gives the old connection up.
         self._socket.setsockopt(zmq.ROUTER_HANDOVER, 0)
+        self._gatekeeper: Gatekeeper | None = None
+        if self.config.curve is not None:
+            self._serve_curve(self.config.curve)
         try:
             self._socket.bind(address)
         except zmq.ZMQError as error:
             raise self._fail(f"inbox {name!r} cannot bind {address}", error) from error
         self.address: str = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self._rcvtimeo = -1  # the socket's RCVTIMEO (libzmq's default: forever); recv sets it
+        self._routes: dict[str, bytes] = {}  # CURVE: a key's name -> the routing id of its connection
         self.bad_by_peer: Counter[str] = Counter()
+        self.refused_by_peer: Counter[str] = Counter()  # CURVE: by the name of the key that sent them
         self.unsent_by_peer: Counter[str] = Counter()  # replies `send` could not queue
+
+    def _serve_curve(self, curve: Curve) -> None:
+        """Be a CURVE server whose every connection ZAP must admit: ZAP_ENFORCE_DOMAIN makes a
+        missing ZAP handler refuse all, where libzmq would otherwise admit any key."""
+        for option, value in ((zmq.CURVE_SERVER, 1), (zmq.CURVE_PUBLICKEY, curve.public_key),
+                              (zmq.CURVE_SECRETKEY, curve.secret_key), (zmq.ZAP_DOMAIN, ZAP_DOMAIN.encode()),
+                              (zmq.ZAP_ENFORCE_DOMAIN, 1),
+                              (zmq.MAXMSGSIZE, self.config.max_msg_bytes + CURVE_OVERHEAD)):
+            self._socket.setsockopt(option, value)
+        try:
+            self._gatekeeper = Gatekeeper(self._socket, self.name, curve.client_names())
+        except zmq.ZMQError as error:
+            raise self._fail(f"inbox {self.name!r}: no ZAP handler (one CURVE inbox per zmq.Context)",
+                             error) from error
 
     @property
     def bad_messages(self) -> int:
         """Messages dropped because they failed to decode, from all peers."""
         return sum(self.bad_by_peer.values())
+
+    @property
+    def refused(self) -> int:
+        """CURVE: messages dropped because their connection claimed a name not of its key."""
+        return sum(self.refused_by_peer.values())
+
+    @property
+    def refused_connections(self) -> int:
+        """CURVE: connections refused in the handshake (no key, a key not admitted here, a wrong
+        server key), every redial counted; 0 without CURVE."""
+        return 0 if self._gatekeeper is None else self._gatekeeper.refused_handshakes
+
+    def close(self) -> None:
+        if self._gatekeeper is not None and not self._socket.closed:
+            self._gatekeeper.close()
+        super().close()
 
     def recv(self, timeout_ms: int | None = None) -> Envelope | None:
         """The next good message, or None after timeout_ms (None: wait as long as it takes).
@@ -273,7 +425,10 @@ class Inbox(_Endpoint):
                 return None
 
     def _open(self, frames: list[zmq.Frame]) -> Envelope | None:
-        peer = frames[0].bytes.decode("utf-8", "backslashreplace")
+        if self.config.curve is None:
+            peer = frames[0].bytes.decode("utf-8", "backslashreplace")
+        elif (peer := self._authenticated(frames[0])) is None:
+            return None
         try:
             message = wire.decode(frames[1:], self.config.limits)  # zmq.Frame is a writable buffer
         except wire.WireError as error:
@@ -283,23 +438,45 @@ class Inbox(_Endpoint):
             return None
         return Envelope(peer, message)
 
+    def _authenticated(self, routing_frame: zmq.Frame) -> str | None:
+        """The name of the key that sent a message (ZAP's User-Id), or None when its connection
+        claims another name as routing id (counted, dropped). A peer that sets no routing id gets
+        one from libzmq, which starts with a zero byte: then no one can hold a name first and
+        lock its owner out, as a claimed routing id can without handover."""
+        name = routing_frame.get("User-Id")
+        routing_id = routing_frame.bytes
+        if routing_id[:1] != b"\0" and routing_id != name.encode():
+            self.refused_by_peer[name] += 1
+            if _log_this_one(count := self.refused_by_peer[name]):
+                log.warning("inbox %s: refused message #%d from key %r: its connection claims to be %r",
+                            self.name, count, name, routing_id.decode("utf-8", "backslashreplace"))
+            return None
+        self._routes[name] = routing_id  # the latest connection of a key gets the replies
+        return name
+
     def send(self, peer: str, message: wire.Message) -> bool:
         """Send `message` back on the connection of `peer` (an Envelope.peer), never blocking.
 
         How a node acknowledges an End it has checked, and how the launcher stops a node over the
         node's own connection. False, counted in unsent_by_peer and logged (rate-limited), when that
-        peer is not connected or its queue is full; nothing is queued then.
+        peer is not connected (with CURVE: has sent nothing yet) or its queue is full; nothing is
+        queued then.
         """
-        frames = wire.encode(message)
+        routing_id = peer.encode() if self.config.curve is None else self._routes.get(peer)
+        if routing_id is None:
+            return self._unsent(peer, message, "no message from it yet")
         try:
-            self._socket.send_multipart([peer.encode(), *frames], zmq.NOBLOCK, copy=False)
+            self._socket.send_multipart([routing_id, *wire.encode(message)], zmq.NOBLOCK, copy=False)
         except zmq.ZMQError as error:  # EHOSTUNREACH: not connected (ROUTER_MANDATORY); EAGAIN: full
-            self.unsent_by_peer[peer] += 1
-            if _log_this_one(count := self.unsent_by_peer[peer]):
-                log.warning("inbox %s: could not send %s #%d to peer %r: %s", self.name, message.KIND, count, peer,
-                            error)
-            return False
+            return self._unsent(peer, message, error)
         return True
+
+    def _unsent(self, peer: str, message: wire.Message, why: object) -> bool:
+        self.unsent_by_peer[peer] += 1
+        if _log_this_one(count := self.unsent_by_peer[peer]):
+            log.warning("inbox %s: could not send %s #%d to peer %r: %s", self.name, message.KIND, count,
+                        peer, why)
+        return False
 
 
 class Peer(_Endpoint):
@@ -309,17 +486,29 @@ class Peer(_Endpoint):
     connection that breaks (inbox gone, MAXMSGSIZE exceeded, heartbeat timeout) loses what was in
     flight on it; libzmq redials. End's seq lets the receiver count what arrived. What the inbox
     sends back on this connection (EndAck, the launcher's Stop) is read with `recv`.
+
+    With CURVE, `server` names the process whose inbox this dials: the handshake succeeds only
+    with the holder of that name's secret key. The inbox knows this peer by its key, so the peer
+    claims no routing id.
     """
 
     def __init__(self, address: str, name: str, config: TransportConfig | None = None,
-                 context: zmq.Context | None = None):
+                 context: zmq.Context | None = None, server: str | None = None):
         routing_id = name.encode()
         if not 0 < len(routing_id) <= 255:
             raise ValueError(f"peer name must be 1 to 255 bytes of UTF-8, got {name!r}")
-        super().__init__(zmq.DEALER, config, context)
+        curve = (config or TransportConfig()).curve
+        if curve is not None and server is None:
+            raise ValueError(f"peer {name!r}: with CURVE, name the server whose inbox it dials")
+        server_key = None if curve is None else curve.server_key(server)
+        super().__init__(zmq.DEALER, name, config, context)
         self.address = address
-        self.name = name
-        self._socket.setsockopt(zmq.ROUTING_ID, routing_id)
+        if curve is None:
+            self._socket.setsockopt(zmq.ROUTING_ID, routing_id)
+        else:
+            for option, value in ((zmq.CURVE_SERVERKEY, server_key), (zmq.CURVE_PUBLICKEY, curve.public_key),
+                                  (zmq.CURVE_SECRETKEY, curve.secret_key)):
+                self._socket.setsockopt(option, value)
         # Time out a silent inbox, but ask it for no TTL: it must not time us out (see config).
         self._socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, self.config.heartbeat_timeout_ms)
         self._socket.setsockopt(zmq.HEARTBEAT_TTL, 0)

@@ -17,9 +17,11 @@ Two set-ups, each started once and shared by the tests that read it:
   come over the neighbours' own connections (the right identity), so they reach the core's
   checks of edge, seq, shapes, labels, counts and kinds. An unattacked twin gives the outputs
   (activations to head, gradients to l1) that every attacked process must match bit for bit.
+  One more l2 runs with the mesh's CURVE keys (issue 14), attacked by impostors that take l1's
+  name before l1 connects: with no key, with another mesh's key, and with head's key.
 
-The file takes about two minutes on two shared cores, most of it spent starting sixteen node
-processes (two meshes of four, then eight single nodes), each of which imports torch.
+The file takes about two minutes on two shared cores, most of it spent starting seventeen node
+processes (two meshes of four, then nine single nodes), each of which imports torch.
 """
 
 from __future__ import annotations
@@ -40,9 +42,12 @@ import pytest
 import torch
 import yaml
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
 from zmq.utils.monitor import recv_monitor_message
 
 from dni_mesh import wire
+from dni_mesh.security import LAUNCHER, Curve, create_keys, curve_for
 from dni_mesh.topology import Topology, load_topology
 from dni_mesh.transport import free_port_range
 
@@ -172,11 +177,18 @@ class Conn:
     def send(self, parts: list[bytes]) -> None:
         self.socket.send_multipart(parts, zmq.NOBLOCK)  # high-water marks are far above our use
 
-    def wait_connected(self, timeout: float = 120) -> None:
-        """Until the ZMTP handshake with the inbox is done (the inbox knows our routing id)."""
+    def handshake(self, timeout: float) -> int:
+        """The first handshake event of this connection: it succeeded, or it was refused."""
         if not self.monitor.poll(int(timeout * 1000)):
             raise AssertionError(f"connection {self.identity!r} made no handshake in {timeout:.0f} s")
-        recv_monitor_message(self.monitor)
+        return recv_monitor_message(self.monitor)["event"]
+
+    def wait_connected(self, timeout: float = 120) -> None:
+        """Until the ZMTP handshake with the inbox is done (the inbox knows our routing id)."""
+        assert self.handshake(timeout) == zmq.EVENT_HANDSHAKE_SUCCEEDED, f"{self.identity!r} was refused"
+
+    def wait_refused(self, timeout: float = 120) -> None:
+        assert self.handshake(timeout) != zmq.EVENT_HANDSHAKE_SUCCEEDED, f"{self.identity!r} got in"
 
     def close(self) -> None:
         self.socket.disable_monitor()
@@ -184,16 +196,29 @@ class Conn:
         self.socket.close(linger=0)
 
 
-def connect(context: zmq.Context, address: str, identity: bytes) -> Conn:
+HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                    | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+
+
+def connect(context: zmq.Context, address: str, identity: bytes | None,
+            curve: tuple[Curve, bytes] | None = None) -> Conn:
+    """identity None: claim no routing id (as dni_mesh's peers under CURVE). curve: our keys
+    and the public key of the inbox we dial."""
     sock = context.socket(zmq.DEALER)
-    sock.setsockopt(zmq.ROUTING_ID, identity)
+    if identity is not None:
+        sock.setsockopt(zmq.ROUTING_ID, identity)
+    if curve is not None:
+        keys, server_key = curve
+        for option, value in ((zmq.CURVE_SERVERKEY, server_key), (zmq.CURVE_PUBLICKEY, keys.public_key),
+                              (zmq.CURVE_SECRETKEY, keys.secret_key)):
+            sock.setsockopt(option, value)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, 10_000)
     sock.setsockopt(zmq.RCVHWM, 10_000)
     sock.setsockopt(zmq.RECONNECT_IVL, 20)
-    monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    monitor = sock.get_monitor_socket(HANDSHAKE_EVENTS)
     sock.connect(address)
-    return Conn(sock, monitor, identity)
+    return Conn(sock, monitor, identity or b"")
 
 
 def recv_message(sock: zmq.Socket, timeout: float, router: bool) -> tuple[bytes, wire.Message]:
@@ -469,45 +494,79 @@ def describe(message: wire.Message) -> tuple:
     return (message.KIND, fields, tensors)
 
 
+class NamedKeys(ThreadAuthenticator):
+    """pyzmq's own ZAP handler, as an outsider's l1 and head would run it: admits the mesh's
+    keys and names each connection after its key file."""
+
+    def __init__(self, context: zmq.Context, keys: Path):
+        super().__init__(context)
+        self.names = {key: name for name, key in curve_for(keys, "l1", ()).public_keys.items()}
+        self.start()
+        self.configure_curve(domain="*", location=str(keys))
+
+    def curve_user_id(self, client_public_key: bytes) -> str:
+        return self.names[z85.encode(client_public_key)]
+
+
 class Neighbours:
     """The test as l1 and head of a real `dni-mesh node l2`: l1's and head's inboxes (where l2
-    sends its gradients and outputs) and their connections to l2's inbox (acts, grads, End)."""
+    sends its gradients and outputs) and their connections to l2's inbox (acts, grads, End).
+    With the mesh's CURVE keys, l1 and head speak CURVE and, as dni_mesh's peers do, claim no
+    routing id; their inboxes check that what arrives comes from l2's key."""
 
-    def __init__(self, context: zmq.Context, top: Topology, impostor_first: bool = False):
-        self.context, self.top = context, top
+    def __init__(self, context: zmq.Context, top: Topology, keys: Path | None = None):
+        self.context, self.top, self.keys = context, top, keys
+        self.auth = NamedKeys(context, keys) if keys is not None else None
         self.sockets: list[zmq.Socket] = []
         self.conns: list[Conn] = []
-        self.l1_inbox = self.router(top.nodes["l1"].address)
-        self.head_inbox = self.router(top.nodes["head"].address)
+        self.l1_inbox = self.router(top.nodes["l1"].address, "l1")
+        self.head_inbox = self.router(top.nodes["head"].address, "head")
         self.l2 = top.nodes["l2"].address
-        self.impostor: Conn | None = None
-        if impostor_first:  # claims l1's name before l1 connects
-            self.impostor = self.connect(b"l1")
-            self.impostor.wait_connected()
-        self.l1 = self.connect(b"l1")
-        self.head = self.connect(b"head")
-        self.l1.wait_connected()
-        self.head.wait_connected()
+        self.l2_routes: dict[zmq.Socket, bytes] = {}  # the routing id l2's connections came with
         self.outputs: list[tuple] = []     # what l2 sent, in order
         self.l1_replies: list[tuple] = []  # what l2's inbox sent back on l1's connection
         self.head_replies: list[tuple] = []
 
-    def router(self, address: str) -> zmq.Socket:
+    def connect_own(self) -> None:
+        """l1's and head's own connections (after any an attack made first)."""
+        if self.keys is None:
+            self.l1, self.head = self.connect(b"l1"), self.connect(b"head")
+        else:
+            self.l1, self.head = self.connect(None, "l1"), self.connect(None, "head")
+        self.l1.wait_connected()
+        self.head.wait_connected()
+
+    def router(self, address: str, name: str) -> zmq.Socket:
         sock = self.context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        if self.keys is not None:
+            keys = curve_for(self.keys, name, ())
+            for option, value in ((zmq.CURVE_SERVER, 1), (zmq.CURVE_PUBLICKEY, keys.public_key),
+                                  (zmq.CURVE_SECRETKEY, keys.secret_key)):
+                sock.setsockopt(option, value)
         sock.bind(address)
         self.sockets.append(sock)
         return sock
 
-    def connect(self, identity: bytes) -> Conn:
-        conn = connect(self.context, self.l2, identity)
+    def connect(self, identity: bytes | None, keys: str | Curve | None = None) -> Conn:
+        """To l2's inbox; keys: whose of this mesh (a name), or any keys, for CURVE."""
+        curve = None
+        if keys is not None:
+            server_key = curve_for(self.keys, "l2", ()).public_key
+            curve = (curve_for(self.keys, keys, ()) if isinstance(keys, str) else keys, server_key)
+        conn = connect(self.context, self.l2, identity, curve)
         self.conns.append(conn)
         return conn
 
     def expect(self, sock: zmq.Socket, kind: type, seq: int, timeout: float = 120) -> wire.Message:
-        peer, message = recv_message(sock, timeout, router=True)
-        assert peer == b"l2", peer
+        if not sock.poll(int(timeout * 1000)):
+            raise TimeoutError(f"nothing arrived within {timeout:.0f} s")
+        parts = sock.recv_multipart(copy=False)
+        sender = parts[0].get("User-Id") if self.keys is not None else parts[0].bytes.decode()
+        assert sender == "l2", sender
+        self.l2_routes[sock] = parts[0].bytes
+        message = wire.decode([p.bytes for p in parts[1:]])
         assert isinstance(message, kind) and message.seq == seq, describe(message)[:2]
         self.outputs.append(describe(message))
         return message
@@ -517,6 +576,8 @@ class Neighbours:
             conn.close()
         for sock in self.sockets:
             sock.close(linger=0)
+        if self.auth is not None:
+            self.auth.stop()
 
 
 class Attack:
@@ -525,6 +586,7 @@ class Attack:
     that the node must take before it can finish (messages of one connection arrive in order),
     so each is certainly read: the counts are exact, with no waiting."""
     impostor_first = False
+    curve = False  # l2 and its neighbours use the mesh's CURVE keys
 
     def __init__(self) -> None:
         self.expected: Counter = Counter()
@@ -533,6 +595,9 @@ class Attack:
         conn.send(parts)
         if counter is not None:
             self.expected[counter] += 1
+
+    def first(self, n: Neighbours, log: Path) -> None:
+        """Before l1 and head connect."""
 
     def setup(self, n: Neighbours) -> None: ...
     def before_act(self, n: Neighbours, t: int) -> None: ...
@@ -693,10 +758,45 @@ class ImpostorFirst(Attack):
     """A connection that claims l1's name before l1 connects, and sends a batch of its own."""
     impostor_first = True
 
+    def first(self, n, log):
+        self.impostor = n.connect(b"l1")
+        self.impostor.wait_connected()
+
+
+class CurveImpostorsFirst(Attack):
+    """With CURVE: connections that claim l1's name before l1 connects, with no key, with
+    another mesh's l1 key, and with head's key (a member speaking as another), each sending a
+    Stop, an End, the deep frame and a half batch as l1's. Only the member gets through the
+    handshake; its messages are refused, once l2 has read each (its log says so) l1 connects."""
+    curve = True
+
+    def first(self, n, log):
+        other = log.parent / "other-mesh"
+        create_keys(other, ["l1"])
+        keyless = n.connect(b"l1")
+        foreign = n.connect(b"l1", curve_for(other, "l1", ()))
+        member = n.connect(b"l1", "head")
+        keyless.wait_refused()
+        foreign.wait_refused()
+        member.wait_connected()
+        half = torch.zeros(BATCH // 2, WIDTH)
+        for parts in (frames(wire.Stop("l2", "forged stop")), frames(wire.End("l1->l2", 0)), [DEEP],
+                      frames(wire.Activation("l1->l2", 0, half, torch.zeros(BATCH // 2, dtype=torch.int64)))):
+            for conn in (keyless, foreign, member):
+                conn.send(parts)
+            self.expected["refused"] += 1
+        wait_for(lambda: log_refusals(log) == self.expected["refused"], 120, "l2 to refuse the member")
+
+
+def log_refusals(log: Path) -> int:
+    """Lines of a node's log that say its inbox refused a message from head's key claiming l1."""
+    return sum("refused message" in line and "key 'head'" in line and "claims to be 'l1'" in line
+               for line in log.read_text(errors="replace").splitlines())
+
 
 NODE_ATTACKS: dict[str, type[Attack]] = {
     "clean": Attack, "deep": Deep, "acts": Acts, "grads": Grads, "ends": Ends, "stops": Stops,
-    "impostors": Impostors, "impostor-first": ImpostorFirst,
+    "impostors": Impostors, "impostor-first": ImpostorFirst, "curve-impostors-first": CurveImpostorsFirst,
 }
 
 
@@ -718,7 +818,7 @@ def drive(n: Neighbours, attack: Attack, run: NodeRun) -> None:
     if isinstance(attack, ImpostorFirst):
         # The impostor's batch is half as large: l2's first output shows whose act it took.
         x = torch.zeros(BATCH // 2, WIDTH)
-        n.impostor.send(frames(wire.Activation("l1->l2", 0, x, torch.zeros(BATCH // 2, dtype=torch.int64))))
+        attack.impostor.send(frames(wire.Activation("l1->l2", 0, x, torch.zeros(BATCH // 2, dtype=torch.int64))))
         x, y, _ = batch(0)
         n.l1.send(frames(wire.Activation("l1->l2", 0, x, y)))
         out = n.expect(n.head_inbox, wire.Activation, 0)
@@ -745,7 +845,25 @@ def drive(n: Neighbours, attack: Attack, run: NodeRun) -> None:
     _, reply = recv_message(n.l1.socket, 60, router=False)
     run.l1_replies.append(describe(reply))
     end = n.expect(n.head_inbox, wire.End, N_BATCHES)
-    n.head_inbox.send_multipart([b"l2", *frames(wire.EndAck(end.edge, end.seq))])
+    n.head_inbox.send_multipart([n.l2_routes[n.head_inbox], *frames(wire.EndAck(end.edge, end.seq))])
+
+
+# `dni-mesh node l2` with the mesh's keys, until the topology names them (`security`).
+CURVE_NODE = """
+import logging, sys
+from pathlib import Path
+from dni_mesh.node import run_node
+from dni_mesh.topology import load_topology
+logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+path, run_dir, keys = sys.argv[1:]
+sys.exit(run_node(load_topology(path), "l2", None, Path(run_dir), curve_keys=Path(keys)))
+"""
+
+
+def node_command(path: Path, run_dir: Path, keys: Path | None) -> list[str]:
+    if keys is None:
+        return [sys.executable, "-m", "dni_mesh.cli", "node", str(path), "--name", "l2", "--run-dir", str(run_dir)]
+    return [sys.executable, "-c", CURVE_NODE, str(path), str(run_dir), str(keys)]
 
 
 def run_node(folder: Path, cls: str) -> NodeRun:
@@ -754,12 +872,17 @@ def run_node(folder: Path, cls: str) -> NodeRun:
     attack = NODE_ATTACKS[cls]()
     path = write_topology(folder, chain(f"node-{cls}", steps=N_TRAIN))
     top = load_topology(path)
+    keys = None
+    if attack.curve:
+        keys = folder / "keys"
+        create_keys(keys, [*top.nodes, LAUNCHER])
     context = zmq.Context()
     neighbours = None
-    process = spawn([sys.executable, "-m", "dni_mesh.cli", "node", str(path), "--name", "l2",
-                     "--run-dir", str(folder / "run")], folder / "l2.log")
+    process = spawn(node_command(path, folder / "run", keys), folder / "l2.log")
     try:
-        neighbours = Neighbours(context, top, attack.impostor_first)
+        neighbours = Neighbours(context, top, keys)
+        attack.first(neighbours, folder / "l2.log")
+        neighbours.connect_own()
         drive(neighbours, attack, run)
         if not attack.impostor_first:
             run.code = process.wait(timeout=60)
@@ -817,10 +940,21 @@ def test_node_takes_nothing_forged_from_its_neighbours_connections(node_runs, cl
 
 @pytest.mark.timeout(300)
 @pytest.mark.xfail(strict=True, reason=(
-    "without ROUTER_HANDOVER the first connection to claim a name keeps it: an outsider that "
-    "connects with l1's name before l1 does (node ports are in the topology) feeds l2 its own "
-    "batches and l1's connection is ignored for good; only authentication (CURVE) closes this"))
-def test_node_ignores_an_impostor_that_connects_before_its_neighbour(node_runs):
+    "without CURVE, and without ROUTER_HANDOVER, the first connection to claim a name keeps it: "
+    "an outsider that connects with l1's name before l1 does (node ports are in the topology) "
+    "feeds l2 its own batches and l1's connection is ignored for good; CURVE closes this (below)"))
+def test_node_without_curve_ignores_an_impostor_that_connects_before_its_neighbour(node_runs):
     run = node_runs["impostor-first"]
     assert run.error is None, run.error
     assert run.first_output_rows == BATCH
+
+
+@pytest.mark.timeout(300)
+def test_node_with_curve_ignores_impostors_that_connect_before_its_neighbour(node_runs):
+    """No key and another mesh's key: refused in the handshake. head's key claiming l1's name:
+    let in, but every message refused, and l1 (which claims no routing id) is not locked out. The
+    node runs as its unattacked twin, bit for bit, and acknowledges only l1's End."""
+    run = assert_node_survived(node_runs, "curve-impostors-first")
+    assert {name: run.final[name] for name in COUNTERS} == dict.fromkeys(COUNTERS, 0)
+    assert run.final["refused"] == run.expected["refused"] == 4
+    assert run.final["refused_connections"] >= 2

@@ -247,4 +247,4 @@ def test_every_example_validates(example, capsys, monkeypatch):
     monkeypatch.setenv("DNI_MESH_DATA", str(DATA))
     code, out = validate(example, capsys)
     assert code == 0, out
-    assert re.search(r"head +head .* -> float32\[(10|8,50)\]", out), out  # digits or characters
+    assert re.search(r"^  \S+ +head +.* -> float32\[", out, re.M), out  # a head with its scores
