@@ -3,6 +3,7 @@
 node resumes from the same cut, so nothing differs), and what cannot be resumed is refused."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.skipif(not (DATA / "mnist").is_dir(),
 def slow_chain() -> dict:
     """Long enough (a 3 ms link on every edge) to be interrupted after its first checkpoints."""
     topology = chain("dni")
-    topology["data"].update(epochs=3, limit=None, eval_every=1, batch_size=32,
+    topology["data"].update(epochs=2, limit=None, eval_every=1, batch_size=32,
                             args={"limit": 2048})
     topology["checkpoint"] = {"every": 16}
     topology["links"] = {"default": {"delay_ms": 3}}
@@ -63,16 +64,16 @@ def test_a_run_interrupted_and_resumed_ends_as_the_uninterrupted_run(tmp_path):
 @pytest.mark.timeout(120)
 def test_resume_refuses_a_folder_without_checkpoints_and_shape_changes(tmp_path):
     topology = chain("dni")
-    topology["checkpoint"] = {"every": 0, "at_evaluation": False}
-    topology["data"]["eval_every"] = 0
+    topology["checkpoint"] = {"every": 8}
     path = write(tmp_path, topology)
-    dni_mesh.run(path, run_dir=tmp_path / "run", quiet=True)
+    dni_mesh.run(path, run_dir=tmp_path / "saved", quiet=True)
+    shutil.copytree(tmp_path / "saved", tmp_path / "run")
+    for checkpoint in (tmp_path / "run").glob("*.ckpt"):
+        checkpoint.unlink()
     refused = cli("run", "--resume", str(tmp_path / "run"))
     assert refused.returncode == 2
     assert "cannot resume" in refused.stdout and "no checkpoint of source, l1, l2, head" in refused.stdout
 
-    topology["checkpoint"] = {"every": 8}
-    dni_mesh.run(write(tmp_path, topology), run_dir=tmp_path / "saved", quiet=True)
     changed = cli("run", "--resume", str(tmp_path / "saved"), "--set", "nodes.l1.args.d_out=31",
                   "--set", "nodes.l2.args.d_in=31")
     assert changed.returncode == 2

@@ -20,7 +20,7 @@ from nodes.ptb import PennTreebank
 DATA = Path(os.environ.get("DNI_MESH_DATA", Path(__file__).parents[2] / "shared" / "data")).resolve()
 pytestmark = pytest.mark.skipif(not (DATA / "ptb").is_dir(),
                                 reason=f"Penn Treebank not found under {DATA} (set DNI_MESH_DATA)")
-STEPS, CHUNK, TOKENS = 12, 5, 4000
+STEPS, CHUNK, TOKENS = 12, 5, 2000
 
 
 def stacked(mode: str, time: str) -> dict:
