@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from dni_mesh.build import build_source
+from dni_mesh.forkserver import ForkServer, node_environment
 from dni_mesh.launch import run
 from dni_mesh.pipelining import run_gpipe
 from dni_mesh.reference import ChainConfig, ChainTrainer, chain_names
@@ -104,7 +105,8 @@ def eval_due(topology: Topology, epoch: int) -> bool:
     return epoch == data.epochs or bool(data.eval_every and epoch % data.eval_every == 0)
 
 
-def mesh_row(config: BenchConfig, mode: str, delay_ms: float, repeat: int) -> Row:
+def mesh_row(config: BenchConfig, mode: str, delay_ms: float, repeat: int,
+             forkserver: ForkServer) -> Row:
     """Run the whole mesh once and read its head's records.
 
     Head records carry seconds since the head's own start. The launcher's wall time minus the
@@ -114,7 +116,8 @@ def mesh_row(config: BenchConfig, mode: str, delay_ms: float, repeat: int) -> Ro
     overrides = [*config.overrides, f"mode={mode}", f"links.default.delay_ms={delay_ms:g}"]
     topology = load_topology(config.topology, overrides)
     run_dir = config.run_dir / f"mesh-{mode}-{delay_ms:g}ms-{repeat}"
-    summary = run(config.topology, overrides, run_dir=run_dir, live=False, topology=topology)
+    summary = run(config.topology, overrides, run_dir=run_dir, live=False, topology=topology,
+                  forkserver=forkserver)
     head = topology.heads[0]
     records = [json.loads(line) for line in (run_dir / f"{head}.jsonl").read_text().splitlines()]
     offset = summary["wall_s"] - records[-1]["time"]
@@ -170,28 +173,40 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = print) -> d
     except ValueError as error:
         peers, notes = False, [f"no reference or pipelining rows: {error}"]
     rows: list[Row] = []
-    for repeat in range(config.repeat):
-        for delay in config.delays_ms:
-            for mode in config.modes:
-                progress(f"bench {repeat + 1}/{config.repeat}: mesh, mode {mode}, delay {delay:g} ms")
-                rows.append(mesh_row(config, mode, delay, repeat))
-        if not peers:
-            continue
-        threads = torch.get_num_threads()
-        torch.set_num_threads(topology.nodes[topology.heads[0]].threads)  # as much as one node
-        try:
-            for mode in config.modes:
-                progress(f"bench {repeat + 1}/{config.repeat}: reference, mode {mode}")
-                rows.append(reference_row(config, mode, repeat))
-        finally:
-            torch.set_num_threads(threads)
-        progress(f"bench {repeat + 1}/{config.repeat}: pipelining-gpipe "
-                 f"({config.microbatches} microbatches)")
-        rows.append(gpipe_row(config, repeat))
+    forkserver = ForkServer(node_environment())  # one for every mesh run: torch imported once
+    try:
+        for repeat in range(config.repeat):
+            rows += bench_repeat(config, topology, peers, repeat, forkserver, progress)
+    finally:
+        forkserver.close()
     return {"topology": str(config.topology), "overrides": config.overrides,
             "target": config.target, "microbatches": config.microbatches,
             "repeat": config.repeat, "machine": machine(), "summary": summarise(rows),
             "rows": [asdict(row) for row in rows], "notes": notes}
+
+
+def bench_repeat(config: BenchConfig, topology: Topology, peers: bool, repeat: int,
+                 forkserver: ForkServer, progress: Callable[[str], None]) -> list[Row]:
+    """One pass over the grid: the mesh rows, then (for a chain) the reference and GPipe rows."""
+    rows = []
+    for delay in config.delays_ms:
+        for mode in config.modes:
+            progress(f"bench {repeat + 1}/{config.repeat}: mesh, mode {mode}, delay {delay:g} ms")
+            rows.append(mesh_row(config, mode, delay, repeat, forkserver))
+    if not peers:
+        return rows
+    threads = torch.get_num_threads()
+    torch.set_num_threads(topology.nodes[topology.heads[0]].threads)  # as much as one node
+    try:
+        for mode in config.modes:
+            progress(f"bench {repeat + 1}/{config.repeat}: reference, mode {mode}")
+            rows.append(reference_row(config, mode, repeat))
+    finally:
+        torch.set_num_threads(threads)
+    progress(f"bench {repeat + 1}/{config.repeat}: pipelining-gpipe "
+             f"({config.microbatches} microbatches)")
+    rows.append(gpipe_row(config, repeat))
+    return rows
 
 
 def summarise(rows: list[Row]) -> list[dict]:
