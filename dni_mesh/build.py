@@ -142,10 +142,10 @@ def node_objective(topology: Topology, name: str, found: Plan) -> Objective:
     return resolve_import(spec.objective, topology.root)(**spec.objective_args)
 
 
-def input_shape(topology: Topology, edge, found: "Plan") -> tuple[int, ...]:
-    """One sample of what the edge's consumer takes from it: a "stack" edge into a node that
-    ticks every k seqs brings k of the producer's samples."""
-    shape = found.shapes[edge.src]
+def input_shape(topology: Topology, edge, shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
+    """One sample of what the edge's consumer takes from it (`shapes`: each node's output):
+    a "stack" edge into a node that ticks every k seqs brings k of the producer's samples."""
+    shape = shapes[edge.src]
     return (topology.nodes[edge.dst].tick, *shape) if edge.gather == "stack" else shape
 
 
@@ -411,8 +411,8 @@ def _dry_run(topology: Topology, name: str, shapes: dict[str, tuple[int, ...]],
     spec = topology.nodes[name]
     who = f"{name} ({spec.module})"
     producers = [e.src for e in topology.inputs(name)]
-    inputs = [torch.zeros(DRY_BATCH, *((spec.tick,) if e.gather == "stack" else ()), *shapes[e.src],
-                          dtype=dtypes[e.src]) for e in topology.inputs(name)]
+    inputs = [torch.zeros(DRY_BATCH, *input_shape(topology, e, shapes), dtype=dtypes[e.src])
+              for e in topology.inputs(name)]
     got = f"got inputs {', '.join(map(_show, inputs))}"
     try:
         module = module_factory(topology, name)()
@@ -563,7 +563,7 @@ def build_stage(topology: Topology, name: str, found: Plan | None = None) -> Sta
     found = found or probe(topology)
     return make_stage(
         name, module_factory(topology, name),
-        input_shapes=[input_shape(topology, e, found) for e in topology.inputs(name)],
+        input_shapes=[input_shape(topology, e, found.shapes) for e in topology.inputs(name)],
         optimizer=spec.optimizer, rule=node_rule(topology, name),
         synthetic_gradient=SyntheticGradientConfig(**spec.synthetic_gradient),
         num_classes=found.num_classes, seed=topology.seed, window=node_window(topology, name),

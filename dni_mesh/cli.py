@@ -17,8 +17,10 @@ from dni_mesh.plot import add_arguments as _plot_arguments
 from dni_mesh.topology import TopologyError, describe, load_topology
 
 
-def _topology_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("topology", help="topology YAML file")
+def _topology_args(parser: argparse.ArgumentParser, optional: str | None = None) -> None:
+    """TOPOLOGY and --set; `optional`: the help of a TOPOLOGY that may be left out."""
+    parser.add_argument("topology", nargs="?" if optional else None,
+                        help=optional or "topology YAML file")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="override a dotted key, e.g. data.epochs=1")
 
@@ -40,9 +42,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="start every node on this machine and supervise them")
-    run.add_argument("topology", nargs="?", help="topology YAML file (not with --resume)")
-    run.add_argument("--set", dest="overrides", action="append", default=[],
-                     metavar="KEY=VALUE", help="override a dotted key, e.g. data.epochs=1")
+    _topology_args(run, optional="topology YAML file (not with --resume)")
     run.add_argument("--resume", type=Path, metavar="RUN_DIR",
                      help="continue the run in RUN_DIR from its newest checkpoint common to "
                           "every node, with its topology and overrides (plus --set ones that "

@@ -118,8 +118,8 @@ def representations(run_dir: Path | str, samples: tuple[Tensor, Tensor] | None =
     for name in names:
         stage = build_stage(topology, name, found)
         try:
-            stage.load_state_dict(torch.load(states[name], map_location="cpu",
-                                             weights_only=True))
+            state = torch.load(states[name], map_location="cpu", weights_only=True)
+            stage.load_state_dict(state)
         except Exception as error:
             raise MissingState(f"{states[name]}: not the state of node {name} of {TOPOLOGY_FILE} "
                                f"({type(error).__name__}: {error})") from error
