@@ -513,7 +513,8 @@ def describe(topology: Topology, outputs: dict[str, str] | None = None) -> str:
              f"eval_every {d.eval_every}, limit {d.limit}, data_dir {d.data_dir or 'default'}",
              "nodes (in topological order):"]
     rows = [[name, n.role, f"{n.module}({_kwargs(n.args)})" if n.module else "-",
-             f"{n.host} {n.address}", n.device, f"mode {n.mode}" if n.mode else "loss"]
+             f"{n.host} {n.address}", n.device, f"mode {n.mode}" if n.mode else "loss",
+             " ".join(([f"time {n.time}"] if n.time and n.module else []) + ([f"tick {n.tick}"] if n.tick > 1 else []))]
             + ([f"-> {outputs[name]}" if name in outputs else ""] if outputs else [])
             for name in t.topological_order() for n in [t.nodes[name]]]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -525,7 +526,8 @@ def describe(topology: Topology, outputs: dict[str, str] | None = None) -> str:
         shaped = "" if link == LinkSpec() else (
             f"  link: delay {link.delay_ms:g} ms, jitter {link.jitter_ms:g} ms, bandwidth "
             + ("unlimited" if link.bandwidth_mbps is None else f"{link.bandwidth_mbps:g} Mbit/s"))
-        lines.append(f"  {str(edge).ljust(width)}  {edge.mode}{shaped}")
+        gather = f"  gather {edge.gather}" if t.nodes[edge.dst].tick > 1 else ""
+        lines.append(f"  {str(edge).ljust(width)}  {edge.mode}{gather}{shaped}")
     return "\n".join(lines)
 
 

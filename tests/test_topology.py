@@ -181,6 +181,17 @@ def test_describe_shows_the_resolved_mesh(mesh: Path) -> None:
     assert "delay 10 ms" in text and "batch_size 32" in text
 
 
+def test_describe_shows_clock_rates_gathers_and_recurrence() -> None:
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    text = describe(load_topology(examples / "two_clocks.yaml", check_imports=False))
+    assert re.search(r"\n  b +head .* loss +tick 4\n", text)
+    assert text.endswith("\n  a -> b       dni  gather stack")
+    assert re.search(r"\n  a -> parity +dni\n", text)  # parity ticks every seq: no gather shown
+    text = describe(load_topology(examples / "ptb_char_dni.yaml", check_imports=False))
+    assert re.search(r"\n  l1 +stage .* time bptt\n", text) and "time dni" in text
+    assert not re.search(r"\n  source .* time ", text)
+
+
 def test_error_text_names_file_line_and_key(mesh: Path) -> None:
     text = edit("l1: {module: meshmods.blocks:Block", "l1: {module: nodes_nope:Block")
     path = write(mesh, text)
