@@ -103,6 +103,8 @@ def check_ports(topology: Topology) -> None:
     whoever binds next; this turns the common case into a clear error before anything starts."""
     for name, spec in topology.nodes.items():
         host = topology.hosts[spec.host]
+        if topology.found_at_run_time(name):  # chosen when the node binds: free by definition
+            continue
         with socket.socket() as probe:
             # As libzmq binds: connections of an earlier run lingering in TIME_WAIT do not count.
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -137,6 +139,8 @@ class NodeProcess:
     process: NodeHandle
     log_path: Path
     hello: wire.Hello | None = None
+    address: str | None = None  # where its inbox listens (`wire.Bound`), kept across restarts
+    told: bool = False  # this process was sent its neighbours' addresses (`wire.Peers`)
     ready: bool = False
     latest: dict = field(default_factory=dict)
     final: dict = field(default_factory=dict)
@@ -160,7 +164,7 @@ class NodeProcess:
     def restarted(self, process: NodeHandle, now: float) -> None:
         """Watch the process that replaces a dead one as a new start: it must say hello and be
         ready within STARTUP_S, and what its predecessor said no longer counts."""
-        self.process, self.hello, self.ready, self.final = process, None, False, {}
+        self.process, self.hello, self.told, self.ready, self.final = process, None, False, False, {}
         self.started = self.last_heard = self.advanced = now
         self.waiting_for = "(not reported)"
 
@@ -263,7 +267,11 @@ class Launcher:
         """Start one node's process, forked, executed or by the starter, its output into
         NODE.log: for the run's start and for each restart alike."""
         env = {**node_environment(), "OMP_NUM_THREADS": str(self.topology.nodes[name].threads)}
-        arguments = node_arguments(self.topology, name, self.overrides, self.inbox.address,
+        overrides = self.overrides
+        if name in self.nodes and self.nodes[name].address is not None:
+            # A restart listens where its peers already dial: the port it was given, or chose.
+            overrides = [*overrides, f"nodes.{name}.port={self.nodes[name].address.rsplit(':', 1)[1]}"]
+        arguments = node_arguments(self.topology, name, overrides, self.inbox.address,
                                    self.run_dir, resume_at, rejoin)
         log_path = self.log_path(name)
         if self.starter is not None:
@@ -385,6 +393,8 @@ class Launcher:
         now = node.last_heard = time.monotonic()
         if isinstance(message, wire.Hello):
             node.hello = message
+        elif isinstance(message, wire.Bound):
+            self.take_bound(node, message.address)
         elif isinstance(message, wire.Ready):
             node.ready, node.advanced = True, now
         elif isinstance(message, wire.Heartbeat):
@@ -397,6 +407,23 @@ class Launcher:
             self.take_metrics(node, message, now)
         elif isinstance(message, wire.Error):
             node.latest["error"] = message.text
+
+    def take_bound(self, node: NodeProcess, address: str) -> None:
+        """Note where a node listens, then tell every node whose neighbours have all bound where
+        they are (`wire.Peers`): the node dials them only then. A restarted node must listen
+        where its peers already dial it (`start_node` pins a port chosen at run time)."""
+        if node.address is not None and address != node.address:
+            raise NodeFailed(f"node {node.name} restarted listening at {address}, but its peers "
+                             f"dial it at {node.address}: a restarted node must come back on the "
+                             "same machine (pin it with its host's ray resources)")
+        node.address = address
+        for waiting in self.nodes.values():
+            wanted = sorted(self.topology.neighbours(waiting.name))
+            if waiting.address is None or waiting.told or any(self.nodes[n].address is None
+                                                              for n in wanted):
+                continue
+            self.inbox.send(waiting.name, wire.Peers({n: self.nodes[n].address for n in wanted}))
+            waiting.told = True
 
     def take_metrics(self, node: NodeProcess, message: wire.Metrics, now: float) -> None:
         if message.values.get("event") == "waiting":
@@ -468,7 +495,8 @@ class Launcher:
             # Start-up: from the call of run() until the head's first training step.
             "first_step_s": heads[0].first_step_s if heads else None,
             "nodes": {name: {"pid": n.process.pid, "role": t.nodes[name].role,
-                             "host": t.nodes[name].host, "address": t.nodes[name].address,
+                             "host": t.nodes[name].host,
+                             "address": n.address or t.nodes[name].address,
                              "steps": n.final.get("steps"),
                              "eval_batches": n.final.get("eval_batches"),
                              "bad_messages": n.final.get("bad_messages"),

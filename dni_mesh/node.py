@@ -44,8 +44,9 @@ from dni_mesh.checkpoint import CheckpointError, load_checkpoint, save_checkpoin
 from dni_mesh.core import Acknowledge, Action, Core, EndEdge, Record, Reject, Save, Send, StageCore
 from dni_mesh.link import Link, link_to
 from dni_mesh.security import LAUNCHER, Curve, SecurityError, curve_for
-from dni_mesh.topology import Topology
-from dni_mesh.transport import BLOCK, Envelope, Inbox, Peer, TransportConfig, TransportError
+from dni_mesh.topology import AUTO, Topology
+from dni_mesh.transport import (BLOCK, Envelope, Inbox, Peer, TransportConfig, TransportError,
+                                address_towards)
 
 log = logging.getLogger(__name__)
 
@@ -100,18 +101,13 @@ class Console:
         self.say(f"{event} " + " ".join(f"{k}={v}" for k, v in shown.items()))
 
 
-def neighbours(topology: Topology, name: str) -> set[str]:
-    """The nodes at the other end of `name`'s edges: all it sends to and all that may send to it."""
-    return {e.dst for e in topology.outputs(name)} | {e.src for e in topology.inputs(name)}
-
-
 def node_curve(keys: Path | None, topology: Topology, name: str, control: str | None) -> Curve | None:
     """The node's CURVE keys from the mesh's key folder (None: no CURVE). Its inbox admits its
     neighbours, whose inboxes its peers dial; the launcher's public key is checked up front too,
     so that a missing key file stops the node before any socket opens."""
     if keys is None:
         return None
-    curve = curve_for(keys, name, neighbours(topology, name))
+    curve = curve_for(keys, name, topology.neighbours(name))
     if control is not None:
         curve.server_key(LAUNCHER)  # raises SecurityError naming the missing file
     return curve
@@ -180,23 +176,62 @@ class Runtime:
         self.rejected_by_peer: Counter[str] = Counter()
         self.say(wire.Hello(name, os.getpid(), socket.gethostname(), topology.nodes[name].address))
 
-    def connect(self, largest_tensor: int, kernel_bandwidth: bool = False) -> None:
-        """Bind the inbox and connect a peer, through the edge's link, to every neighbour.
-        kernel_bandwidth: the network (`--hosts netns`) shapes the bandwidth between hosts, so
-        links here only delay."""
+    def bind(self, largest_tensor: int) -> None:
+        """Bind the inbox where the topology puts it (port 0: a free port the system picks) and
+        tell the launcher where it listens."""
         topology, name = self.topology, self.name
-        config = transport_config(topology, largest_tensor, self.curve)
+        self.config = transport_config(topology, largest_tensor, self.curve)
         spec = topology.nodes[name]
+        address = spec.address
+        if topology.found_at_run_time(name):
+            if self.control is None:
+                raise Unbindable(f"node {name}: its address is found at run time (port 0, or host "
+                                 f"{spec.host}'s address auto), which needs a launcher to tell its "
+                                 f"peers; started by hand, a node needs hosts.{spec.host}.address "
+                                 f"and a fixed port (nodes.{name}.port or hosts.{spec.host}.base_port)")
+            if topology.hosts[spec.host].address == AUTO:
+                address = f"tcp://{address_towards(self.control.address)}:{spec.port}"
         try:
-            self.inbox = Inbox(spec.address, name, config, self.context)
+            self.inbox = Inbox(address, name, self.config, self.context)
         except TransportError as error:
             raise Unbindable(f"node {name}: {error}; move it with --set nodes.{name}.port=N or "
                              f"hosts.{spec.host}.base_port, and check that {spec.address} is an "
                              "address of this machine") from None
+        self.say(wire.Bound(name, self.inbox.address))
+
+    def peer_addresses(self) -> dict[str, str]:
+        """Where each neighbour's inbox listens: the launcher's `Peers` when there is a launcher
+        (it knows the ports chosen at run time), else the topology's addresses."""
+        wanted = sorted(self.topology.neighbours(self.name))
+        if self.control is None:
+            unknown = [n for n in wanted if self.topology.found_at_run_time(n)]
+            if unknown:
+                raise Unbindable(f"node {self.name}: neighbour {unknown[0]}'s address is found at "
+                                 "run time (port 0, or an auto host address): only a launcher can "
+                                 "say where it listens; to start nodes by hand, give every node a "
+                                 "host address and a fixed port")
+            return {n: self.topology.nodes[n].address for n in wanted}
+        while True:
+            message = self.control.recv(int(HEARTBEAT_S * 1000))
+            if isinstance(message, wire.Stop):
+                raise Stopped(message.reason)
+            if os.getppid() != self.parent:
+                raise Stopped("launcher is gone")
+            if isinstance(message, wire.Peers):
+                if sorted(message.addresses) != wanted:
+                    raise RuntimeError(f"node {self.name}: the launcher's peers name "
+                                       f"{sorted(message.addresses)}, not its neighbours {wanted}")
+                return message.addresses
+
+    def dial(self, addresses: dict[str, str], kernel_bandwidth: bool = False) -> None:
+        """Connect a peer, through the edge's link, to every neighbour at its address.
+        kernel_bandwidth: the network (`--hosts netns`) shapes the bandwidth between hosts, so
+        links here only delay."""
+        topology, name = self.topology, self.name
         self.peers = {n: link_to(topology, name, n,
-                                 Peer(topology.nodes[n].address, name, config, self.context, server=n),
+                                 Peer(address, name, self.config, self.context, server=n),
                                  kernel_bandwidth)
-                      for n in sorted(neighbours(topology, name))}
+                      for n, address in sorted(addresses.items())}
         if self.console is not None:
             self.console.say(f"ready, inbox {self.inbox.address}; in-edges "
                              f"{', '.join(e.name for e in topology.inputs(name)) or 'none'}; out-edges "
@@ -338,7 +373,8 @@ def run_node(topology: Topology, name: str, control: str | None, run_dir: Path,
                       if resume_at is not None or rejoin else None)
         core = build_core(topology, name, time.monotonic, found,
                           checkpoint.state if checkpoint is not None else None)
-        runtime.connect(largest_tensor(topology, name, found), kernel_bandwidth)
+        runtime.bind(largest_tensor(topology, name, found))
+        runtime.dial(runtime.peer_addresses(), kernel_bandwidth)
         runtime.say(wire.Ready(name))
         if rejoin:
             runtime.execute(core.rejoin(checkpoint.seq if checkpoint is not None else 0))

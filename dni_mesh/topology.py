@@ -48,10 +48,15 @@ class EdgeSpec:
         return f"{self.src} -> {self.dst}"
 
 
+AUTO = "auto"
+"""A host address found at run time: each node on it binds the address its machine reaches the
+launcher from (so only a launched node can have it), on a port chosen then unless it names one."""
+
+
 @dataclass(frozen=True)
 class HostSpec:
     name: str
-    address: str  # what nodes on this host bind and what their peers connect to
+    address: str  # what nodes on this host bind and what their peers connect to, or AUTO
     base_port: int
     ray: dict[str, Any] | None = None  # the Ray placement of its nodes (RayFile's fields)
 
@@ -130,6 +135,16 @@ class Topology:
 
     def outputs(self, node: str) -> list[EdgeSpec]:
         return [e for e in self.edges if e.src == node]
+
+    def found_at_run_time(self, node: str) -> bool:
+        """Whether the node's address is known only once it binds (port 0, or an AUTO host):
+        only a launcher can then tell its peers where it listens."""
+        spec = self.nodes[node]
+        return spec.port == 0 or self.hosts[spec.host].address == AUTO
+
+    def neighbours(self, node: str) -> set[str]:
+        """The nodes at the other end of its edges: all it sends to and all that may send to it."""
+        return {e.dst for e in self.outputs(node)} | {e.src for e in self.inputs(node)}
 
     @property
     def source(self) -> str:
@@ -322,7 +337,11 @@ def _out_modes(raw: RawTopology, nodes: dict[str, NodeFile],
 def _places(raw: RawTopology, nodes: dict[str, NodeFile],
             hosts: dict[str, HostSpec]) -> dict[str, tuple[str, int]]:
     """(host, port) of every node. Explicit ports are claimed first; the others take base_port,
-    base_port + 1, ... of their host in file order, skipping ports already claimed there."""
+    base_port + 1, ... of their host in file order, skipping ports already claimed there. Port 0
+    (a node's, or every node's of a host with base_port 0) is claimed by no one: each such node
+    binds a free port at run time and the launcher tells its peers (`wire.Bound`, `wire.Peers`).
+    So do the nodes of a host whose address is AUTO, unless they name a port: an AUTO host may
+    stand for several machines, so its named ports are told apart by node, not by address."""
     if not hosts:
         raise raw.error(("hosts",), "at least one host is needed")
     default = next(iter(hosts)) if len(hosts) == 1 else "local" if "local" in hosts else None
@@ -341,6 +360,11 @@ def _places(raw: RawTopology, nodes: dict[str, NodeFile],
     for name in sorted(nodes, key=lambda n: nodes[n].port is None):  # explicit ports first
         host = hosts[host_of[name]]
         port = nodes[name].port
+        if port is None and (host.base_port == 0 or host.address == AUTO):
+            port = 0
+        if port == 0:
+            places[name] = (host.name, port)
+            continue
         if port is None:
             port = next_port[host.name]
             while (host.address, port) in claimed:
@@ -348,7 +372,7 @@ def _places(raw: RawTopology, nodes: dict[str, NodeFile],
             if port > 65535:
                 raise raw.error(("hosts", host.name, "base_port"), f"no port left for {name!r}")
             next_port[host.name] = port + 1
-        elif (host.address, port) in claimed:
+        elif (host.address, port) in claimed and host.address != AUTO:
             raise raw.error(("nodes", name, "port"), f"port {port} on {host.address} (host "
                             f"{host.name!r}) is taken by both {claimed[host.address, port]!r} "
                             f"and {name!r}")

@@ -60,7 +60,7 @@ def parse_value(text: str) -> Any:
 
 Mode = Literal["backprop", "dni", "cdni", "bp_lambda", "delayed"]
 Time = Literal["bptt", "dni"]
-Port = Annotated[int, Field(ge=1, le=65535)]
+Port = Annotated[int, Field(ge=0, le=65535)]  # 0: a free port, chosen when the node binds
 PositiveInt = Annotated[int, Field(ge=1)]
 NonNegative = Annotated[float, Field(ge=0)]
 

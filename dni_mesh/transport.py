@@ -479,6 +479,15 @@ class Inbox(_Endpoint):
         return False
 
 
+def address_towards(endpoint: str) -> str:
+    """The IP address of this machine's interface that reaches endpoint's host: where a node
+    whose host address is `auto` binds. A UDP connect only picks the route; it sends nothing."""
+    host = endpoint.removeprefix("tcp://").rsplit(":", 1)[0]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect((host, 9))
+        return probe.getsockname()[0]
+
+
 class Peer(_Endpoint):
     """A connection to another process's inbox (DEALER, routing id = this process's `name`).
 

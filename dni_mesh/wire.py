@@ -12,6 +12,7 @@ only `WireError`. Nothing here unpickles, evaluates or imports what it reads.
 from __future__ import annotations
 
 import math
+import re
 import reprlib
 import sys
 from collections.abc import Callable, KeysView, Sequence
@@ -113,17 +114,42 @@ def _phase(value: object) -> str | None:
     return f"must be 'train' or 'eval', got {_show(value)}"
 
 
-def _values(value: object) -> str | None:
+def _string_map(value: object, check: Check) -> str | None:
+    """A map with string keys whose every value passes `check`."""
     if type(value) is not dict:
         return f"must be a map, got {_show(value)}"
     for key, item in value.items():
         if type(key) is not str:
             return f"keys must be strings, got {_show(key)}"
-        if type(item) is int and -_INT64_MAX - 1 <= item <= _INT64_MAX:
-            continue
-        if type(item) not in (float, str):
-            return f"[{_clip(key)}] must be an int64, float or string, got {_show(item)}"
+        if (problem := check(item)) is not None:
+            return f"[{_clip(key)}] {problem}"
     return None
+
+
+def _value(value: object) -> str | None:
+    if type(value) is int and -_INT64_MAX - 1 <= value <= _INT64_MAX:
+        return None
+    if type(value) in (float, str):
+        return None
+    return f"must be an int64, float or string, got {_show(value)}"
+
+
+def _values(value: object) -> str | None:
+    return _string_map(value, _value)
+
+
+_ENDPOINT = re.compile(r"tcp://[A-Za-z0-9.\-]{1,253}:([0-9]{1,5})")
+
+
+def _endpoint(value: object) -> str | None:
+    """A ZeroMQ tcp endpoint a peer can dial: tcp://host:port, the port in [1, 65535]."""
+    if type(value) is str and (found := _ENDPOINT.fullmatch(value)) and 0 < int(found[1]) < 65536:
+        return None
+    return f"must be an endpoint tcp://HOST:PORT with a port in [1, 65535], got {_show(value)}"
+
+
+def _endpoints(value: object) -> str | None:
+    return _string_map(value, _endpoint)
 
 
 @dataclass(frozen=True)
@@ -196,6 +222,27 @@ class Hello(_Message):
     pid: int
     host: str
     address: str
+
+
+@dataclass(frozen=True)
+class Bound(_Message):
+    """A node's inbox is bound: where its peers must dial it (a port of 0 in the topology has
+    become the one the system chose)."""
+
+    KIND = "bound"
+    FIELDS = (("node", _text), ("address", _endpoint))
+    node: str
+    address: str
+
+
+@dataclass(frozen=True)
+class Peers(_Message):
+    """The launcher tells a node where each of its neighbours' inboxes listens, before it dials
+    them."""
+
+    KIND = "peers"
+    FIELDS = (("addresses", _endpoints),)
+    addresses: dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -282,11 +329,11 @@ class Error(_Message):
     text: str
 
 
-Message = Union[Activation, Gradient, Hello, Ready, Heartbeat, Metrics, Stop, End, EndAck,
-                Rejoin, Error]
+Message = Union[Activation, Gradient, Hello, Bound, Peers, Ready, Heartbeat, Metrics, Stop, End,
+                EndAck, Rejoin, Error]
 KINDS: dict[str, type[_Message]] = {
-    cls.KIND: cls for cls in (Activation, Gradient, Hello, Ready, Heartbeat, Metrics, Stop, End,
-                              EndAck, Rejoin, Error)
+    cls.KIND: cls for cls in (Activation, Gradient, Hello, Bound, Peers, Ready, Heartbeat, Metrics,
+                              Stop, End, EndAck, Rejoin, Error)
 }
 
 

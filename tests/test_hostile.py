@@ -284,6 +284,8 @@ def forged_for(top: Topology, node: str) -> dict[str, tuple[bytes, list[tuple[li
         "kinds": (b"evil-kinds", [
             (frames(wire.Hello(node, 1, "evil", "tcp://127.0.0.1:1")), unexpected),
             (frames(wire.Ready(node)), unexpected),
+            (frames(wire.Bound(node, "tcp://127.0.0.1:1")), unexpected),
+            (frames(wire.Peers({n: "tcp://127.0.0.1:1" for n in top.nodes})), unexpected),
             (frames(wire.Heartbeat(node, 10**6, time.time())), unexpected),
             (frames(wire.Metrics(node, 0, {"event": "final", "steps": 0})), unexpected),
             (frames(wire.Error(node, "forged error")), unexpected),
@@ -727,6 +729,8 @@ class Stops(Attack):
         if t == 5:
             self.send(n.l1, frames(wire.Stop("launcher", "forged stop")), "unexpected")
             for message in (wire.Hello("l1", 1, "evil", "tcp://127.0.0.1:1"), wire.Ready("l1"),
+                            wire.Bound("l1", "tcp://127.0.0.1:1"),
+                            wire.Peers({"l1": "tcp://127.0.0.1:1", "head": "tcp://127.0.0.1:1"}),
                             wire.Heartbeat("l1", 7, 1.0), wire.Metrics("l1", 7, {"loss": 0.5}),
                             wire.Error("l1", "forged"), wire.EndAck("l1->l2", 3)):
                 self.send(n.l1, frames(message), "unexpected")

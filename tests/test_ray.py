@@ -33,6 +33,8 @@ def placed_chain() -> dict:
     """The chain of test_mesh with a Ray placement: source and l1 by their host's `ray` key,
     l2 and head by their own. The local launcher ignores it."""
     topology = chain("dni")  # window 1: the run is deterministic, under any launcher
+    # Addresses found at run time: each node binds where its Ray node reaches the launcher.
+    topology["hosts"]["local"] = {"address": "auto"}
     topology["hosts"]["local"]["ray"] = {"num_cpus": 0.5, "resources": {"ray_a": 1}}
     for name in ("l2", "head"):
         topology["nodes"][name]["ray"] = {"num_cpus": 0.5, "resources": {PLACE[name]: 1}}
@@ -93,6 +95,8 @@ def test_a_mesh_runs_on_the_ray_nodes_it_is_placed_on_and_learns_as_locally(tmp_
     assert {name: p["ray_node_id"] for name, p in placements.items()} == \
         {name: node_of[resource] for name, resource in PLACE.items()}
     assert {p["address"] for p in placements.values()} == {"127.0.0.1"}
+    bound = sorted(n["address"] for n in summary["nodes"].values())
+    assert len(set(bound)) == 4 and all(a.startswith("tcp://127.0.0.1:") for a in bound), bound
     assert abs(summary["test_accuracy"] - local["test_accuracy"]) <= 0.003
     assert all(n["steps"] == local["nodes"][name]["steps"] for name, n in summary["nodes"].items())
     assert {name: n["pid"] for name, n in summary["nodes"].items()} == \

@@ -23,7 +23,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from dni_mesh import cli, wire
-from dni_mesh.node import neighbours, node_curve
+from dni_mesh.node import node_curve
 from dni_mesh.security import LAUNCHER, SECRET_SUFFIX, SecurityError, create_keys, curve_for
 from dni_mesh.topology import load_topology
 from dni_mesh.transport import CURVE_OVERHEAD, Inbox, Peer, TransportConfig, TransportError
@@ -303,6 +303,6 @@ def test_a_node_loads_its_neighbours_keys_and_the_launchers(tmp_path: Path) -> N
     create_keys(folder, topology.nodes)
     assert node_curve(None, topology, "l2", "tcp://127.0.0.1:1") is None
     curve = node_curve(folder, topology, "l2", None)
-    assert curve.name == "l2" and curve.clients == neighbours(topology, "l2") == {"l1", "l3"}
+    assert curve.name == "l2" and curve.clients == topology.neighbours("l2") == {"l1", "l3"}
     with pytest.raises(SecurityError, match="no public key for 'launcher'"):
         node_curve(folder, topology, "l2", "tcp://127.0.0.1:1")
