@@ -90,9 +90,9 @@ def make_stage(name: str, make_module: Callable[[], nn.Module], *,
     synthesizer = sg_optimizer = None
     if rule is not None and rule.synthetic:
         shape = output_shape if output_shape is not None else output_spec(module, input_shapes)[0]
-        synthesizer, sg_optimizer = seeded_synthesizer(
+        synthesizer, sg_optimizer = seeded_synthesizer(  # a recurrent one: per time step
             shape[-1:] if time else shape, num_classes, synthesizer_config(rule, sg_config),
-            node_seed(seed, name + "/synthesizer"))
+            node_seed(seed, name + "/synthesizer"), 1 if time else math.prod(label_shape))
     module.to(device)
     if rule is None:
         objective = objective or objective_for(label_shape, num_classes)
@@ -113,12 +113,12 @@ def make_stage(name: str, make_module: Callable[[], nn.Module], *,
 
 
 def seeded_synthesizer(shape: tuple[int, ...], num_classes: int,
-                       config: SyntheticGradientConfig, seed: int
+                       config: SyntheticGradientConfig, seed: int, labels_per_sample: int = 1
                        ) -> tuple[Synthesizer, torch.optim.Optimizer]:
     """A synthesizer built under its own seed (inside a forked RNG), and its optimizer."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        synthesizer = Synthesizer(shape, num_classes, config)
+        synthesizer = Synthesizer(shape, num_classes, config, labels_per_sample)
     return synthesizer, make_optimizer(synthesizer.parameters(), config.optimizer)
 
 
@@ -513,7 +513,8 @@ def _dry_run_synthesizer(topology: Topology, name: str, who: str, out: torch.Ten
     try:
         config = synthesizer_config(rule, SyntheticGradientConfig(
             **topology.nodes[name].synthetic_gradient))
-        synthesizer = Synthesizer(tuple(out.shape[1:]), num_classes, config).eval()
+        synthesizer = Synthesizer(tuple(out.shape[1:]), num_classes, config,
+                                  labels[0].numel()).eval()
     except Exception as exc:
         raise topology.error(key, f"{name}: no synthesizer for its output {_show(out)}: "
                              f"{_why(exc)}") from exc

@@ -58,11 +58,13 @@ class Synthesizer(nn.Module):
 
     shape is one sample's activation shape (no batch dimension). For cDNI (config.conditioned)
     the one-hot labels are concatenated to the flattened input, or broadcast as extra channels
-    for a conv synthesizer. Hidden layers are FC (or conv) + BatchNorm + ReLU, as in the paper.
+    for a conv synthesizer; a sample may carry several labels (labels_per_sample, e.g. one per
+    task of a multi-task stream), each one-hot. Hidden layers are FC (or conv) + BatchNorm +
+    ReLU, as in the paper.
     """
 
     def __init__(self, shape: tuple[int, ...], num_classes: int | None,
-                 config: SyntheticGradientConfig):
+                 config: SyntheticGradientConfig, labels_per_sample: int = 1):
         super().__init__()
         if config.conditioned and not num_classes:
             raise ValueError("a conditioned (cDNI) synthesizer needs num_classes")
@@ -78,7 +80,7 @@ class Synthesizer(nn.Module):
         self.conditioned = config.conditioned
         self.num_classes = num_classes
         self.scale = config.scale
-        extra = num_classes if config.conditioned else 0
+        extra = num_classes * labels_per_sample if config.conditioned else 0
         hidden = 0 if kind == "linear" else config.hidden
         if kind == "conv":
             self.net = conv_stack(shape[0] + extra, shape[0], hidden, config.channels,
@@ -92,12 +94,12 @@ class Synthesizer(nn.Module):
         if self.kind == "conv":
             x = h
             if self.conditioned:
-                code = one_hot(labels, self.num_classes, h)[:, :, None, None]
+                code = one_hot(labels, self.num_classes, h).flatten(1)[:, :, None, None]
                 x = torch.cat([h, code.expand(-1, -1, *h.shape[2:])], dim=1)
             return self.net(x)
         x = h.flatten(1)
         if self.conditioned:
-            x = torch.cat([x, one_hot(labels, self.num_classes, h)], dim=1)
+            x = torch.cat([x, one_hot(labels, self.num_classes, h).flatten(1)], dim=1)
         return self.net(x).view_as(h)
 
 

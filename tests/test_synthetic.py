@@ -72,6 +72,22 @@ def test_cdni_prediction_depends_on_the_labels_after_training():
     assert not torch.allclose(g[0], g[1], atol=0.1)
 
 
+def test_cdni_with_two_labels_per_sample_reads_both():
+    """Per sample one label per task (e.g. [B, 2]): each is one-hot, and the prediction can
+    depend on the pair, here the gradient of task 1's class plus task 2's."""
+    torch.manual_seed(0)
+    first, second = torch.randn(3, 6), torch.randn(3, 6)
+    synthesizer = Synthesizer((6,), 3, SyntheticGradientConfig(conditioned=True), labels_per_sample=2)
+    assert synthesizer.net[0].in_features == 6 + 2 * 3
+    optimizer = make_optimizer(synthesizer.parameters(), {"name": "adam", "lr": 0.05})
+    for _ in range(400):
+        h, labels = torch.randn(32, 6), torch.randint(0, 3, (32, 2))
+        fit(synthesizer, optimizer, first[labels[:, 0]] + second[labels[:, 1]], h, labels)
+    labels = torch.tensor([[0, 0], [0, 2], [2, 1]])
+    g = synthesizer(torch.randn(1, 6).expand(3, 6), labels)
+    assert torch.allclose(g, first[labels[:, 0]] + second[labels[:, 1]], atol=0.1)
+
+
 def test_conv_cdni_broadcasts_labels_as_channels():
     torch.manual_seed(0)
     synthesizer = Synthesizer((2, 5, 5), 4, SyntheticGradientConfig(conditioned=True))
