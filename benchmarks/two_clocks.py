@@ -4,9 +4,10 @@
 
 `examples/two_clocks.yaml` (Jaderberg et al. 2016, section 3.3): A reads a digit per seq for
 its parity; B ticks every 4 seqs on A's stacked outputs and counts the group's digits below 5.
-Three variants, same seed and budget, trained in process (`train_in_process`, the mesh's own
-node cores): A learns from B through its synthesizer (dni); B's gradient cut (no_gradient); B's
-true gradient applied when it comes back, A never waiting (delayed). A locked A that waits for
+Four variants, same seed and budget, trained in process (`train_in_process`, the mesh's own
+node cores): A learns from B through its synthesizer (dni), or through one conditioned on each
+sample's labels of both tasks (cdni); B's gradient cut (no_gradient); B's true gradient applied
+when it comes back, A never waiting (delayed). A locked A that waits for
 B every k seqs cannot be written: a stack edge needs its producer unlocked. Each variant then
 runs once more as a real mesh of processes, shortened, for A's idle time: the `waiting` records
 A wrote (it writes one per heartbeat with no progress) and its samples/s.
@@ -26,7 +27,8 @@ from dni_mesh.reference import train_in_process
 from dni_mesh.topology import load_topology
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "two_clocks.yaml"
-VARIANTS = {"dni": [], "no_gradient": ["nodes.b.args.detach=true"], "delayed": ["mode=delayed"]}
+VARIANTS = {"dni": ["mode=dni"], "cdni": [], "no_gradient": ["mode=dni", "nodes.b.args.detach=true"],
+            "delayed": ["mode=delayed"]}
 
 
 def train(overrides: list[str]) -> dict:
