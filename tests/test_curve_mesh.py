@@ -47,9 +47,11 @@ def forge(addresses: list[str], stop: threading.Event) -> None:
 
 
 @pytest.mark.timeout(300)
-def test_a_curve_mesh_learns_as_the_plain_one_and_an_outsider_delivers_nothing(tmp_path):
+def test_a_curve_mesh_learns_as_the_plain_one_and_an_outsider_delivers_nothing(tmp_path,
+                                                                               forkserver):
     topology = chain("dni")
-    plain = dni_mesh.run(write(tmp_path, topology), run_dir=tmp_path / "plain", quiet=True)
+    plain = dni_mesh.run(write(tmp_path, topology), run_dir=tmp_path / "plain", quiet=True,
+                         forkserver=forkserver)
 
     keys = tmp_path / "keys"
     made = subprocess.run([sys.executable, "-m", "dni_mesh.cli", "keys", str(keys), "--nodes",
@@ -63,7 +65,7 @@ def test_a_curve_mesh_learns_as_the_plain_one_and_an_outsider_delivers_nothing(t
     outsider = threading.Thread(target=forge, args=(addresses, stop), daemon=True)
     outsider.start()
     try:
-        secured = dni_mesh.run(path, run_dir=tmp_path / "curve", quiet=True)
+        secured = dni_mesh.run(path, run_dir=tmp_path / "curve", quiet=True, forkserver=forkserver)
     finally:
         stop.set()
         outsider.join(timeout=10)

@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -32,11 +33,19 @@ def cli(*arguments: str, timeout: float = 120) -> subprocess.CompletedProcess:
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
 
 
-@pytest.mark.timeout(300)
-def test_a_run_interrupted_and_resumed_ends_as_the_uninterrupted_run(tmp_path):
-    path = write(tmp_path, slow_chain())
-    whole = dni_mesh.run(path, run_dir=tmp_path / "whole", quiet=True)
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory, forkserver) -> tuple[Path, Path, dict]:
+    """The slow chain run without interruption, once for the file: its topology file, its run
+    folder (with every node's checkpoints) and its summary."""
+    folder = tmp_path_factory.mktemp("whole")
+    path = write(folder, slow_chain())
+    summary = dni_mesh.run(path, run_dir=folder / "run", quiet=True, forkserver=forkserver)
+    return path, folder / "run", summary
 
+
+@pytest.mark.timeout(300)
+def test_a_run_interrupted_and_resumed_ends_as_the_uninterrupted_run(tmp_path, whole):
+    path, _, whole = whole
     run_dir = tmp_path / "run"
     launcher = subprocess.Popen([sys.executable, "-m", "dni_mesh.cli", "run", str(path),
                                  "--run-dir", str(run_dir), "--no-live"],
@@ -61,24 +70,21 @@ def test_a_run_interrupted_and_resumed_ends_as_the_uninterrupted_run(tmp_path):
     assert len([r for r in records if r["event"] == "final"]) == 2  # one log, both parts
 
 
-@pytest.mark.timeout(120)
-def test_resume_refuses_a_folder_without_checkpoints_and_shape_changes(tmp_path):
-    topology = chain("dni")
-    topology["checkpoint"] = {"every": 8}
-    path = write(tmp_path, topology)
-    dni_mesh.run(path, run_dir=tmp_path / "saved", quiet=True)
-    shutil.copytree(tmp_path / "saved", tmp_path / "run")
+@pytest.mark.timeout(300)
+def test_resume_refuses_a_folder_without_checkpoints_and_shape_changes(tmp_path, whole):
+    path, saved, _ = whole
+    shutil.copytree(saved, tmp_path / "run")
     for checkpoint in (tmp_path / "run").glob("*.ckpt"):
         checkpoint.unlink()
     refused = cli("run", "--resume", str(tmp_path / "run"))
     assert refused.returncode == 2
     assert "cannot resume" in refused.stdout and "no checkpoint of source, l1, l2, head" in refused.stdout
 
-    changed = cli("run", "--resume", str(tmp_path / "saved"), "--set", "nodes.l1.args.d_out=31",
+    changed = cli("run", "--resume", str(saved), "--set", "nodes.l1.args.d_out=31",
                   "--set", "nodes.l2.args.d_in=31")
     assert changed.returncode == 2
     assert "a resumed run keeps its shapes" in changed.stdout, changed.stdout
-    both = cli("run", str(path), "--resume", str(tmp_path / "saved"))
+    both = cli("run", str(path), "--resume", str(saved))
     assert both.returncode == 2 and "not both" not in both.stdout and "--resume RUN_DIR" in both.stdout
 
 

@@ -20,16 +20,19 @@ Two set-ups, each started once and shared by the tests that read it:
   One more l2 runs with the mesh's CURVE keys (issue 14), attacked by impostors that take l1's
   name before l1 connects: with no key, with another mesh's key, and with head's key.
 
-The file takes about two minutes on two shared cores, most of it spent starting seventeen node
-processes (two meshes of four, then nine single nodes), each of which imports torch.
+The file takes under a minute on two shared cores, most of it spent starting the node processes
+of the two meshes, each of which imports torch; the single nodes are forked from the session's
+fork server (conftest.py), all but the CURVE one, which is a script of its own.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from collections import Counter
@@ -47,6 +50,7 @@ from zmq.utils import z85
 from zmq.utils.monitor import recv_monitor_message
 
 from dni_mesh import wire
+from dni_mesh.forkserver import ForkedProcess, ForkServer, node_environment
 from dni_mesh.security import LAUNCHER, Curve, create_keys, curve_for
 from dni_mesh.topology import Topology, load_topology
 from dni_mesh.transport import free_port_range
@@ -117,14 +121,14 @@ def spawn(command: list[str], log: Path) -> subprocess.Popen:
                                 stdin=subprocess.DEVNULL)
 
 
-def end_process(process: subprocess.Popen) -> None:
+def end_process(process: subprocess.Popen | ForkedProcess) -> None:
     """Ask nicely (a launcher then stops its nodes), then kill."""
     if process.poll() is None:
-        process.terminate()
+        os.kill(process.pid, signal.SIGTERM)
         try:
             process.wait(timeout=10)
         except subprocess.TimeoutExpired:
-            process.kill()
+            os.kill(process.pid, signal.SIGKILL)
             process.wait()
 
 
@@ -874,13 +878,20 @@ sys.exit(run_node(load_topology(path), "l2", None, Path(run_dir), curve_keys=Pat
 """
 
 
-def node_command(path: Path, run_dir: Path, keys: Path | None) -> list[str]:
-    if keys is None:
-        return [sys.executable, "-m", "dni_mesh.cli", "node", str(path), "--name", "l2", "--run-dir", str(run_dir)]
-    return [sys.executable, "-c", CURVE_NODE, str(path), str(run_dir), str(keys)]
+FORKING = threading.Lock()
+"""Held around each fork request: the server answers in request order, one pid a request."""
 
 
-def run_node(folder: Path, cls: str) -> NodeRun:
+def start_node(forkserver: ForkServer, path: Path, run_dir: Path, keys: Path | None,
+               log: Path) -> subprocess.Popen | ForkedProcess:
+    if keys is not None:
+        return spawn([sys.executable, "-c", CURVE_NODE, str(path), str(run_dir), str(keys)], log)
+    with FORKING:
+        return forkserver.start(["node", str(path), "--name", "l2", "--run-dir", str(run_dir)],
+                                node_environment(), log, Path.cwd())
+
+
+def run_node(forkserver: ForkServer, folder: Path, cls: str) -> NodeRun:
     """One `dni-mesh node l2` process driven under attack class `cls`."""
     run = NodeRun()
     attack = NODE_ATTACKS[cls]()
@@ -892,7 +903,7 @@ def run_node(folder: Path, cls: str) -> NodeRun:
         create_keys(keys, [*top.nodes, LAUNCHER])
     context = zmq.Context()
     neighbours = None
-    process = spawn(node_command(path, folder / "run", keys), folder / "l2.log")
+    process = start_node(forkserver, path, folder / "run", keys, folder / "l2.log")
     try:
         neighbours = Neighbours(context, top, keys)
         attack.first(neighbours, folder / "l2.log")
@@ -919,10 +930,10 @@ def run_node(folder: Path, cls: str) -> NodeRun:
 
 
 @pytest.fixture(scope="module")
-def node_runs(tmp_path_factory) -> dict[str, NodeRun]:
+def node_runs(tmp_path_factory, forkserver) -> dict[str, NodeRun]:
     tmp = tmp_path_factory.mktemp("node")
     with ThreadPoolExecutor(len(NODE_ATTACKS)) as pool:
-        futures = {cls: pool.submit(run_node, tmp / cls, cls) for cls in NODE_ATTACKS}
+        futures = {cls: pool.submit(run_node, forkserver, tmp / cls, cls) for cls in NODE_ATTACKS}
         return {cls: future.result() for cls, future in futures.items()}
 
 

@@ -80,11 +80,11 @@ def reference_losses(path: Path) -> list[float]:
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("mode, target", [("backprop", "bootstrap"), ("cdni", "bootstrap"),
                                           ("dni", "backprop"), ("delayed", "bootstrap")])
-def test_mesh_reproduces_reference(tmp_path, capsys, mode, target):
+def test_mesh_reproduces_reference(tmp_path, capsys, forkserver, mode, target):
     topology = chain(mode)
     topology["defaults"]["synthetic_gradient"]["target"] = target
     path = write(tmp_path, topology)
-    summary = dni_mesh.run(path, run_dir=tmp_path / "run", quiet=True)
+    summary = dni_mesh.run(path, run_dir=tmp_path / "run", quiet=True, forkserver=forkserver)
     assert capsys.readouterr().out == ""  # the Python API, asked to be quiet, prints nothing
     mesh = head_losses(tmp_path / "run")
     reference = reference_losses(path)
@@ -149,9 +149,10 @@ def misbehaving_chain(tmp_path: Path, how: str) -> Path:
 
 
 @pytest.mark.timeout(120)
-def test_dead_node_fails_the_run_with_its_name_and_output(tmp_path):
+def test_dead_node_fails_the_run_with_its_name_and_output(tmp_path, forkserver):
     with pytest.raises(NodeFailed) as failure:
-        run(misbehaving_chain(tmp_path, "raise"), run_dir=tmp_path / "run", live=False)
+        run(misbehaving_chain(tmp_path, "raise"), run_dir=tmp_path / "run", live=False,
+            forkserver=forkserver)
     text = str(failure.value)
     assert "node l2" in text and "boom in forward" in text
     pids = json.loads((tmp_path / "run" / "nodes.json").read_text())
@@ -159,10 +160,11 @@ def test_dead_node_fails_the_run_with_its_name_and_output(tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_hung_node_fails_the_run_by_its_silence(tmp_path):
+def test_hung_node_fails_the_run_by_its_silence(tmp_path, forkserver):
     started = time.monotonic()
     with pytest.raises(NodeFailed, match="node l2 .* sent no heartbeat or metrics for 10 s"):
-        run(misbehaving_chain(tmp_path, "hang"), run_dir=tmp_path / "run", live=False, silence_s=10)
+        run(misbehaving_chain(tmp_path, "hang"), run_dir=tmp_path / "run", live=False, silence_s=10,
+            forkserver=forkserver)
     assert time.monotonic() - started < 60
     pids = json.loads((tmp_path / "run" / "nodes.json").read_text())
     assert all(not alive(pid) for pid in pids.values())

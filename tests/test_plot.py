@@ -302,7 +302,7 @@ def test_missing_tensorboard_names_the_extra(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def real_run(tmp_path_factory):
+def real_run(tmp_path_factory, forkserver):
     """dni on blobs through source -> l1 -> head, 5 batches an epoch, two epochs: 10 steps."""
     from dni_mesh.launch import run
     from dni_mesh.transport import free_port_range
@@ -324,7 +324,7 @@ def real_run(tmp_path_factory):
     }
     path = folder / "mesh.yaml"
     path.write_text(yaml.safe_dump(topology, sort_keys=False))
-    run(path, run_dir=folder / "run", live=False)
+    run(path, run_dir=folder / "run", live=False, forkserver=forkserver)
     return folder / "run"
 
 

@@ -84,10 +84,11 @@ def wait_gone(pids: list[int], timeout: float = 20.0) -> list[int]:
 
 
 @pytest.mark.timeout(180)
-def test_a_mesh_runs_on_the_ray_nodes_it_is_placed_on_and_learns_as_locally(tmp_path, cluster):
+def test_a_mesh_runs_on_the_ray_nodes_it_is_placed_on_and_learns_as_locally(tmp_path, cluster,
+                                                                           forkserver):
     cluster, node_of = cluster
     path = write(tmp_path, placed_chain())
-    local = run(path, run_dir=tmp_path / "local", quiet=True)
+    local = run(path, run_dir=tmp_path / "local", quiet=True, forkserver=forkserver)
 
     summary = run_on_ray(path, address=cluster.address, run_dir=tmp_path / "ray", quiet=True)
 

@@ -48,10 +48,10 @@ def records(lines: list[dict], event: str) -> list[dict]:
 
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("mode, time", [("backprop", "bptt"), ("dni", "dni")])
-def test_stacked_lstm_mesh_equals_the_in_process_run(tmp_path, mode, time):
+def test_stacked_lstm_mesh_equals_the_in_process_run(tmp_path, forkserver, mode, time):
     path = tmp_path / "ptb.yaml"
     path.write_text(yaml.safe_dump(stacked(mode, time), sort_keys=False))
-    summary = dni_mesh.run(path, run_dir=tmp_path / "run", quiet=True)
+    summary = dni_mesh.run(path, run_dir=tmp_path / "run", quiet=True, forkserver=forkserver)
     head = [json.loads(line) for line in (tmp_path / "run" / "head.jsonl").read_text().splitlines()]
 
     bus = train_in_process(load_topology(path))

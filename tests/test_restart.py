@@ -46,10 +46,11 @@ def restarting_chain() -> dict:
 
 
 @pytest.fixture(scope="module")
-def no_fault(tmp_path_factory) -> dict:
+def no_fault(tmp_path_factory, forkserver) -> dict:
     """The summary of the same run without a fault: one for every kill below."""
     folder = tmp_path_factory.mktemp("no_fault")
-    return dni_mesh.run(write(folder, restarting_chain()), run_dir=folder / "run", quiet=True)
+    return dni_mesh.run(write(folder, restarting_chain()), run_dir=folder / "run", quiet=True,
+                        forkserver=forkserver)
 
 
 @pytest.mark.timeout(240)
@@ -84,11 +85,13 @@ def test_a_killed_node_rejoins_and_the_run_ends_as_without_the_fault(tmp_path, n
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("most", [0, 1])
-def test_a_node_that_dies_past_its_policy_fails_the_run_naming_its_restarts(tmp_path, most):
+def test_a_node_that_dies_past_its_policy_fails_the_run_naming_its_restarts(tmp_path, forkserver,
+                                                                              most):
     """l2 raises on its fourth training step, in every process the launcher starts for it."""
     path = misbehaving_chain(tmp_path, "raise")
     with pytest.raises(NodeFailed) as failure:
-        run(path, [f"defaults.restart={{max: {most}}}"], run_dir=tmp_path / "run", quiet=True)
+        run(path, [f"defaults.restart={{max: {most}}}"], run_dir=tmp_path / "run", quiet=True,
+            forkserver=forkserver)
     plural = "" if most == 1 else "s"
     assert (f"exited with code 1 after {most} restart{plural} (restart: {{max: {most}}})"
             in str(failure.value))

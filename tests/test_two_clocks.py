@@ -50,7 +50,7 @@ def test_in_process_b_steps_once_per_group_and_its_gradient_reaches_a() -> None:
     assert bus.cores["a"].stage.stats.sg_fits == 40
 
 
-def test_real_processes_b_steps_a_quarter_of_a(tmp_path: Path) -> None:
-    summary = dni_mesh.run(EXAMPLE, TINY, quiet=True, run_dir=tmp_path)
+def test_real_processes_b_steps_a_quarter_of_a(tmp_path: Path, forkserver) -> None:
+    summary = dni_mesh.run(EXAMPLE, TINY, quiet=True, run_dir=tmp_path, forkserver=forkserver)
     nodes = summary["nodes"]
     assert nodes["a"]["steps"] == 40 and nodes["b"]["steps"] == nodes["a"]["steps"] // 4

@@ -211,10 +211,11 @@ def test_the_command_exits_2_naming_the_node(tmp_path):
     assert "l2 (checknodes:Half) got inputs float32[2,8]" in done.stderr
 
 
-def test_run_refuses_a_broken_mesh_before_any_node_starts(tmp_path):
+def test_run_refuses_a_broken_mesh_before_any_node_starts(tmp_path, forkserver):
     from dni_mesh.launch import run
     with pytest.raises(TopologyError, match=r"c3 \(checknodes:SkipMerge\) got inputs"):
-        run(write(tmp_path, skip_mesh([48, 48])), run_dir=tmp_path / "run", live=False)
+        run(write(tmp_path, skip_mesh([48, 48])), run_dir=tmp_path / "run", live=False,
+            forkserver=forkserver)
     assert not (tmp_path / "run" / "nodes.json").exists()
 
 
