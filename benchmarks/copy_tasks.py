@@ -119,7 +119,7 @@ def parse_args() -> argparse.Namespace:
     add_model_arguments(p, hidden=64, batch_size=16)
     p.add_argument("--quick", action="store_true", help="a smoke run: a tiny budget")
     p.add_argument("--json", default="benchmarks/results/copy_tasks.json")
-    p.set_defaults(sg_lr=1e-6)   # copy's gradients are noisier than text's: see results
+    p.set_defaults(sg_lr=1e-6, sg_scale=0.1)  # copy's gradients are noisier than text's: see results
     args = p.parse_args()
     if args.quick:
         args.tokens, args.check = 8_000, 20

@@ -110,7 +110,7 @@ def add_model_arguments(p: argparse.ArgumentParser, hidden: int, batch_size: int
     p.add_argument("--sg-optimizer", choices=("adam", "sgd"), default="adam",
                    help="time synthesizer's optimizer")
     p.add_argument("--sg-lr", type=float, default=1e-5, help="time synthesizer's learning rate")
-    p.add_argument("--sg-scale", type=float, default=0.1, help="factor on M_t's prediction")
+    p.add_argument("--sg-scale", type=float, default=0.05, help="factor on M_t's prediction")
     p.add_argument("--sg-hidden", type=int, default=0, help="hidden layers of M_t")
     p.add_argument("--sg-width", type=int, default=256, help="units per hidden layer of M_t")
     p.add_argument("--threads", type=int, default=1)
