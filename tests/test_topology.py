@@ -185,8 +185,8 @@ def test_describe_shows_clock_rates_gathers_and_recurrence() -> None:
     examples = Path(__file__).resolve().parent.parent / "examples"
     text = describe(load_topology(examples / "two_clocks.yaml", check_imports=False))
     assert re.search(r"\n  b +head .* loss +tick 4\n", text)
-    assert text.endswith("\n  a -> b       dni  gather stack")
-    assert re.search(r"\n  a -> parity +dni\n", text)  # parity ticks every seq: no gather shown
+    assert text.endswith("\n  a -> b       cdni  gather stack")
+    assert re.search(r"\n  a -> parity +cdni\n", text)  # parity ticks every seq: no gather shown
     text = describe(load_topology(examples / "ptb_char_dni.yaml", check_imports=False))
     assert re.search(r"\n  l1 +stage .* time dni\n", text)
     assert not re.search(r"\n  source .* time ", text)
