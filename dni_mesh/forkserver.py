@@ -83,6 +83,7 @@ class ForkServer:
             [sys.executable, "-m", "dni_mesh.forkserver"], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True)
         self.pids: queue.Queue[int | None] = queue.Queue()
+        self.requesting = threading.Lock()  # a request and its pid reply, one caller at a time
         self.exits: dict[int, int] = {}
         self.exited = threading.Condition()
         self.errors: list[str] = []
@@ -107,14 +108,17 @@ class ForkServer:
 
     def start(self, argv: list[str], env: dict[str, str], log: Path, cwd: Path,
               append: bool = False) -> ForkedProcess:
-        """Fork a node running `dni-mesh ARGV`, its output to log (appended to, or replacing it)."""
+        """Fork a node running `dni-mesh ARGV`, its output to log (appended to, or replacing it).
+        Safe from several threads: the server answers in request order, so each caller holds
+        the lock from its request to its reply."""
         request = {"argv": argv, "env": env, "log": str(log), "cwd": str(cwd), "append": append}
-        try:
-            self.process.stdin.write(json.dumps(request).encode() + b"\n")
-            self.process.stdin.flush()
-        except BrokenPipeError:
-            pass  # the server is gone; the None below says so
-        pid = self.pids.get()
+        with self.requesting:
+            try:
+                self.process.stdin.write(json.dumps(request).encode() + b"\n")
+                self.process.stdin.flush()
+            except BrokenPipeError:
+                pass  # the server is gone; the None below says so
+            pid = self.pids.get()
         if pid is None:
             code = self.process.wait()
             raise ForkServerFailed(f"the fork server (pid {self.process.pid}) exited with code "

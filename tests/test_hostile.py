@@ -32,7 +32,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import traceback
 from collections import Counter
@@ -878,17 +877,12 @@ sys.exit(run_node(load_topology(path), "l2", None, Path(run_dir), curve_keys=Pat
 """
 
 
-FORKING = threading.Lock()
-"""Held around each fork request: the server answers in request order, one pid a request."""
-
-
 def start_node(forkserver: ForkServer, path: Path, run_dir: Path, keys: Path | None,
                log: Path) -> subprocess.Popen | ForkedProcess:
     if keys is not None:
         return spawn([sys.executable, "-c", CURVE_NODE, str(path), str(run_dir), str(keys)], log)
-    with FORKING:
-        return forkserver.start(["node", str(path), "--name", "l2", "--run-dir", str(run_dir)],
-                                node_environment(), log, Path.cwd())
+    return forkserver.start(["node", str(path), "--name", "l2", "--run-dir", str(run_dir)],
+                            node_environment(), log, Path.cwd())
 
 
 def run_node(forkserver: ForkServer, folder: Path, cls: str) -> NodeRun:
