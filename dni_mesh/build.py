@@ -134,11 +134,12 @@ def state_size(module: nn.Module, input_shapes: Sequence[tuple[int, ...]],
     return flat(state).shape[1]
 
 
-def node_objective(topology: Topology, name: str, found: Plan) -> Objective:
+def node_objective(topology: Topology, name: str, label_shape: tuple[int, ...],
+                   num_classes: int) -> Objective:
     """A head's objective: the topology's class for it, or the one its labels call for."""
     spec = topology.nodes[name]
     if spec.objective is None:
-        return objective_for(found.label_shape, found.num_classes)
+        return objective_for(label_shape, num_classes)
     return resolve_import(spec.objective, topology.root)(**spec.objective_args)
 
 
@@ -377,7 +378,27 @@ def _source_sample(topology: Topology
         got = wire_name(x.dtype) if isinstance(x, torch.Tensor) else type(x).__name__
         raise topology.error(("data", "source"), f"the data source {data.source} gives {got} "
                              f"samples; the wire carries {', '.join(wire.DTYPES)}")
+    _check_groups(topology, len(test))
     return shape, x.dtype, num_classes, label_shape
+
+
+def _check_groups(topology: Topology, test_batches: int) -> None:
+    """A node that ticks every k seqs steps on groups of k consecutive seqs, counted across
+    training and evaluation batches alike: a group must never hold both, so every epoch's
+    training batches and the test split must each be a multiple of k batches."""
+    ticks = {name: spec.tick for name, spec in topology.nodes.items() if spec.tick > 1}
+    if not ticks:
+        return
+    train = len(build_source(topology, "train"))
+    if topology.data.limit is not None:
+        train = min(train, topology.data.limit)
+    for name, tick in ticks.items():
+        for split, batches in (("training", train), ("test", test_batches)):
+            if batches % tick:
+                raise topology.error(("nodes", name, "tick"), (
+                    f"node {name} ticks every {tick} seqs, but the {split} split has {batches} "
+                    f"batches, not a multiple of {tick}: a group would hold training and "
+                    "evaluation batches (set data.limit, or the source's size)"))
 
 
 def _show(x: torch.Tensor) -> str:
@@ -451,12 +472,18 @@ def _dry_run(topology: Topology, name: str, shapes: dict[str, tuple[int, ...]],
                 f"(the data has {num_classes} classes"
                 f"{f' and labels {list(label_shape)} per sample' if label_shape else ''})"))
         try:
-            objective = (objective_for(label_shape, num_classes) if spec.objective is None else
-                         resolve_import(spec.objective, topology.root)(**spec.objective_args))
+            objective = node_objective(topology, name, label_shape, num_classes)
+        except Exception as exc:
+            raise topology.error(("nodes", name, "objective"), f"{name}'s objective "
+                                 f"{spec.objective or 'for its labels'} with arguments "
+                                 f"{spec.objective_args} cannot be built: {_why(exc)}") from exc
+        try:  # all three, as the head's steps and evaluations call them
             objective.loss(out, labels)
+            objective.correct(out, labels)
+            objective.scored(labels)
         except Exception as exc:
             raise topology.error(("nodes", name, "module"), f"{sent}, which the "
-                                 f"{type(objective).__name__} loss cannot take: {_why(exc)}") from exc
+                                 f"{type(objective).__name__} objective cannot take: {_why(exc)}") from exc
     elif out.dtype not in WIRE_FLOATS.values():
         raise topology.error(("nodes", name, "module"), f"{sent}: a stage sends a floating dtype "
                              f"the wire carries ({', '.join(WIRE_FLOATS)})")
@@ -571,7 +598,8 @@ def build_stage(topology: Topology, name: str, found: Plan | None = None) -> Sta
         device=spec.device, output_shape=found.shapes[name], time=spec.time,
         input_dtypes=[found.dtypes[e.src] for e in topology.inputs(name)],
         label_shape=found.label_shape,
-        objective=node_objective(topology, name, found) if spec.role == "head" else None)
+        objective=(node_objective(topology, name, found.label_shape, found.num_classes)
+                   if spec.role == "head" else None))
 
 
 def largest_tensor(topology: Topology, name: str, found: Plan) -> int:

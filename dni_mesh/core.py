@@ -560,9 +560,9 @@ class StageCore(Core):
             self.accepted[edge.name] = act.seq
         else:  # while this node rejoins, its window starts at the producer's own position
             low = self.positions[edge.name] if self.rejoining else self.next_seq
-            if not low <= act.seq < low + edge.window + self.wiring.tick - 1:
-                return (f"seq {act.seq} on {edge.name} is outside the window [{low}, "
-                        f"{low + edge.window + self.wiring.tick - 1})")
+            high = low + self.reach(edge)
+            if not low <= act.seq < high:
+                return f"seq {act.seq} on {edge.name} is outside the window [{low}, {high})"
         for name in self.ended:
             if act.seq >= self.accepted[name]:
                 return (f"seq {act.seq} on {edge.name} can never be joined: {name} ended after "
@@ -618,6 +618,13 @@ class StageCore(Core):
         self.ended.add(edge.name)
         self.counters.progress += 1
         return None
+
+    def reach(self, edge: InEdge) -> int:
+        """How far past this node's next seq the producer on edge may be. Its window counts the
+        outputs not yet answered: on a "stack" edge every seq of a group waits for the step, on
+        a "latest" edge only each group's last does (the others are answered on arrival)."""
+        tick = self.wiring.tick
+        return edge.window * tick if edge.gather is Gather.LATEST else edge.window + tick - 1
 
     def group(self) -> range:
         """The seqs of the next step: one, or a tick's worth."""

@@ -119,6 +119,8 @@ class ForkServer:
             except BrokenPipeError:
                 pass  # the server is gone; the None below says so
             pid = self.pids.get()
+            if pid is None:
+                self.pids.put(None)  # for every later start: the server stays gone
         if pid is None:
             code = self.process.wait()
             raise ForkServerFailed(f"the fork server (pid {self.process.pid}) exited with code "

@@ -150,8 +150,8 @@ class Runtime:
     def __init__(self, topology: Topology, name: str, control: str | None, run_dir: Path,
                  stall_s: float = STALL_S, resumed: bool = False, curve: Curve | None = None):
         """Open the control connection and say Hello at once, so the launcher hears from the
-        node while it builds its core; `connect` opens the mesh's sockets after that. curve:
-        this node's CURVE keys (`dni_mesh.security.curve_for`), for every socket."""
+        node while it builds its core; `bind` and `dial` open the mesh's sockets after that.
+        curve: this node's CURVE keys (`dni_mesh.security.curve_for`), for every socket."""
         self.topology = topology
         self.name = name
         self.console = None if control else Console(name)
@@ -161,6 +161,7 @@ class Runtime:
         self.control = (Peer(control, name, transport_config(topology, 0, curve), self.context, server=LAUNCHER)
                         if control else None)
         self.inbox: Inbox | None = None
+        self.config: TransportConfig | None = None  # the mesh sockets', set by `bind`
         self.peers: dict[str, Peer | Link] = {}
         self.parent = os.getppid()
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -212,11 +213,7 @@ class Runtime:
                                  "host address and a fixed port")
             return {n: self.topology.nodes[n].address for n in wanted}
         while True:
-            message = self.control.recv(int(HEARTBEAT_S * 1000))
-            if isinstance(message, wire.Stop):
-                raise Stopped(message.reason)
-            if os.getppid() != self.parent:
-                raise Stopped("launcher is gone")
+            message = self.from_launcher(int(HEARTBEAT_S * 1000))
             if isinstance(message, wire.Peers):
                 if sorted(message.addresses) != wanted:
                     raise RuntimeError(f"node {self.name}: the launcher's peers name "
@@ -279,14 +276,21 @@ class Runtime:
         if self.control is None:
             self.supervise_alone(core, now)
             return
-        if os.getppid() != self.parent:
-            raise Stopped("launcher is gone")
-        while (message := self.control.recv(0)) is not None:
-            if isinstance(message, wire.Stop):
-                raise Stopped(message.reason)
+        while self.from_launcher(0) is not None:
+            pass  # nothing but Stop is taken from the launcher once the node runs
         self.say(wire.Heartbeat(self.name, progress, time.time()))
         if idle:
             self.report({"event": "waiting", "progress": progress, "waiting_for": core.waiting_for()})
+
+    def from_launcher(self, timeout_ms: int) -> wire.Message | None:
+        """The launcher's next message on the control connection, waiting up to timeout_ms;
+        raises Stopped for its Stop, or when it is gone (this node's parent changed)."""
+        if os.getppid() != self.parent:
+            raise Stopped("launcher is gone")
+        message = self.control.recv(timeout_ms)
+        if isinstance(message, wire.Stop):
+            raise Stopped(message.reason)
+        return message
 
     def supervise_alone(self, core: Core, now: float) -> None:
         waited = now - self.advanced

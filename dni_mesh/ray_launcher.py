@@ -207,10 +207,17 @@ class RayStarter:
         self.run_dir = run_dir
         self.placements: dict[str, dict[str, Any]] = {}
         self.wanted = {name: placement(spec) for name, spec in topology.nodes.items()}
-        runner = self.ray.remote(NodeRunner)
-        # All at once: Ray starts their worker processes in parallel while the launcher sets up.
-        self.actors = {name: runner.options(**options).remote()
-                       for name, options in self.wanted.items()}
+        self.runner = self.ray.remote(NodeRunner)
+        self.actors: dict[str, Any] = {}
+        try:  # all at once: Ray starts their worker processes while the launcher sets up
+            for name in self.wanted:
+                self.actors[name] = self.new_actor(name)
+        except BaseException:
+            self.close()  # what was made so far, and a Ray instance begun here
+            raise
+
+    def new_actor(self, name: str) -> Any:
+        return self.runner.options(**self.wanted[name]).remote()
 
     def __enter__(self) -> RayStarter:
         return self
@@ -220,17 +227,25 @@ class RayStarter:
 
     def start(self, name: str, arguments: list[str], env: dict[str, str], log_path: Path,
               append: bool) -> RayProcess:
-        actor = self.actors[name]
         try:
-            where = self.ray.get(actor.start.remote(arguments, node_env(env), str(Path.cwd())),
-                                 timeout=PLACE_S)
-        except self.ray.exceptions.GetTimeoutError:
-            raise NodeFailed(self.unplaced(name)) from None
+            where = self.placed(name, arguments, env)
+        except self.ray.exceptions.RayActorError:  # its actor was killed or lost with its Ray node
+            self.actors[name] = self.new_actor(name)
+            where = self.placed(name, arguments, env)
+        actor = self.actors[name]
         addresses = {node["NodeID"]: node["NodeManagerAddress"] for node in self.ray.nodes()}
         self.placements[name] = {**where, "address": addresses.get(where["ray_node_id"])}
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / PLACEMENT_FILE).write_text(json.dumps(self.placements, indent=2) + "\n")
         return RayProcess(self.ray, actor, where, log_path, append)
+
+    def placed(self, name: str, arguments: list[str], env: dict[str, str]) -> dict[str, Any]:
+        """Start the node's process through its actor; where it runs (NodeRunner.start)."""
+        start = self.actors[name].start.remote(arguments, node_env(env), str(Path.cwd()))
+        try:
+            return self.ray.get(start, timeout=PLACE_S)
+        except self.ray.exceptions.GetTimeoutError:
+            raise NodeFailed(self.unplaced(name)) from None
 
     def unplaced(self, name: str) -> str:
         """Why a node did not start: no Ray node had what it asks for, in time."""

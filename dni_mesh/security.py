@@ -25,8 +25,8 @@ import zmq
 import zmq.auth
 from zmq.utils import z85
 
-LAUNCHER = "launcher"
-"""The launcher's key name (and the name its control inbox goes by)."""
+from dni_mesh.topology import LAUNCHER
+
 PUBLIC_SUFFIX = ".key"
 SECRET_SUFFIX = ".key_secret"
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,200}")

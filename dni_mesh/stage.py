@@ -177,6 +177,8 @@ class Stage:
         entry = self.pending.pop(seq, None)
         if entry is None or not entry.inputs:
             return None
+        if entry.stash is not None and not any(entry.needs_grad):
+            return None  # delayed, and its producers were answered at forward time
         needs = entry.needs_grad or [x.requires_grad for x in entry.inputs]
         return [torch.zeros_like(x) if need else None for x, need in zip(entry.inputs, needs)]
 
@@ -201,6 +203,7 @@ class Stage:
         weights = {name: entry.stash[name].requires_grad_(True) for name in params}
         buffers = {name: t for name, t in entry.stash.items() if name not in params}
         leaves = [x.detach().requires_grad_(need) for x, need in zip(entry.inputs, entry.needs_grad)]
+        self.module.train()  # as at forward time: an evaluation pass may have run in between
         h = torch.func.functional_call(self.module, {**weights, **buffers}, tuple(leaves))
         wanted = list(weights.values()) + [x for x in leaves if x.requires_grad]
         grads = torch.autograd.grad(h, wanted, grad, allow_unused=True, materialize_grads=True)

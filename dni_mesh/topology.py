@@ -48,6 +48,8 @@ class EdgeSpec:
         return f"{self.src} -> {self.dst}"
 
 
+LAUNCHER = "launcher"
+"""The launcher's name: its control inbox's and its key's; no node may take it."""
 AUTO = "auto"
 """A host address found at run time: each node on it binds the address its machine reaches the
 launcher from (so only a launched node can have it), on a port chosen then unless it names one."""
@@ -180,6 +182,9 @@ def load_topology(path: str | Path, overrides: Sequence[str] = (), *,
         for name in names:
             if not _NAME.fullmatch(str(name)):
                 raise raw.error((section, name), f"name {name!r} must be letters, digits, _ and -")
+    if LAUNCHER in top.nodes:
+        raise raw.error(("nodes", LAUNCHER), f"no node may be named {LAUNCHER!r}: the launcher "
+                        "goes by that name on the control connection and in the mesh's keys")
     settings = _node_settings(raw, top)
     edges = _edges(raw, top)
     _check_graph(raw, settings, edges)
@@ -418,6 +423,14 @@ def _check_clocks(raw: RawTopology, nodes: dict[str, NodeSpec], edges: list[Edge
         if node.tick > 1 and every % node.tick:
             raise raw.error(("checkpoint", "every"), f"{every} is not a multiple of node {name}'s "
                             f"tick {node.tick}: every node must save at the same seqs")
+        # A rejoin resumes and skips seqs one by one, which would cut a ticking node's groups.
+        restarting = [name, *(e.src for e in edges if e.dst == name)] if node.tick > 1 else []
+        for other in restarting:
+            if nodes[other].max_restarts:
+                raise raw.error(("nodes", other, "restart", "max"), (
+                    f"node {other} may not restart: node {name} ticks every {node.tick} seqs, "
+                    "and a restart of it or of a node feeding it would split its groups "
+                    "(not supported yet)"))
     for i, edge in enumerate(edges):
         tick, producer = nodes[edge.dst].tick, nodes[edge.src]
         if edge.gather == "stack" and tick == 1:

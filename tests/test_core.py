@@ -293,7 +293,9 @@ def test_a_node_that_ticks_every_3_steps_on_the_latest_answers_the_others_at_onc
     assert [(a.message.seq, bool(a.message.dh.abs().sum())) for a in answers] == [
         (0, False), (1, False), (2, True), (3, False), (4, False), (5, True)]  # zeros, then dh
     assert answers[2].message.dh.shape == (8, 6) and b.counters.steps == 2
-    assert "outside the window [6, 12)" in rejects(b.receive("a", act(12, "a->b", d=6)))[0].reason
+    # Only each group's last seq waits for a step, so its window of 4 reaches 4 groups ahead.
+    assert not rejects(b.receive("a", act(15, "a->b", d=6)))
+    assert "outside the window [6, 18)" in rejects(b.receive("a", act(18, "a->b", d=6)))[0].reason
 
 
 def test_a_node_that_ticks_every_3_steps_on_a_stack_answers_each_seq_with_its_slice():

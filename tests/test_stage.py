@@ -347,3 +347,18 @@ def test_delayed_from_the_source_answers_at_once_with_a_credit():
     x, y = batch()
     assert stage.forward(0, [x], y, [False]).input_grads == [None]
     assert stage.backward(0, torch.randn(8, 6)).input_grads is None
+    stage.forward(1, [x], y, [False])
+    assert stage.forget(1) is None  # answered at forward time: nothing more is owed
+
+
+def test_delayed_recomputes_in_training_mode_after_an_evaluation():
+    """Batch norm normalises by the batch in training and by running statistics in evaluation:
+    the late gradient must be the training-mode one the step's forward pass had."""
+    stage = make_stage("delayed", module=nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6)))
+    x, y = batch()
+    before = copy.deepcopy(stage.module)
+    stage.forward(0, [x], y, [True])
+    stage.evaluate([batch(seed=9)[0]], None)
+    grad = torch.randn(8, 6, generator=torch.Generator().manual_seed(3))
+    back = stage.backward(0, grad)
+    assert torch.allclose(back.input_grads[0], vjp(before, x, lambda h: grad), atol=1e-5)

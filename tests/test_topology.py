@@ -192,6 +192,12 @@ def test_describe_shows_clock_rates_gathers_and_recurrence() -> None:
     assert not re.search(r"\n  source .* time ", text)
 
 
+def test_no_node_may_take_the_launchers_name(mesh: Path) -> None:
+    path = write(mesh, VALID)
+    with pytest.raises(TopologyError, match=r"nodes\.launcher: no node may be named 'launcher'"):
+        load_topology(path, ["nodes.launcher={module: 'meshmods.blocks:Block'}"])
+
+
 def test_error_text_names_file_line_and_key(mesh: Path) -> None:
     text = edit("l1: {module: meshmods.blocks:Block", "l1: {module: nodes_nope:Block")
     path = write(mesh, text)

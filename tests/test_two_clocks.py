@@ -5,13 +5,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 import dni_mesh
 from dni_mesh import wire
 from dni_mesh.build import build_core, probe
 from dni_mesh.reference import Bus
-from dni_mesh.topology import load_topology
+from dni_mesh.topology import TopologyError, load_topology
 from nodes.two_clocks import DigitStream
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "two_clocks.yaml"
@@ -23,6 +24,19 @@ def test_labels_count_the_group_so_far() -> None:
     assert x.shape == (16, 10) and y.shape == (16, 2)
     assert torch.equal(y[:, 0], x.argmax(1) % 2)
     assert torch.equal(y[:, 1], (x.argmax(1) < 5).long())  # the group's first seq
+
+
+def test_a_group_may_not_straddle_training_and_evaluation() -> None:
+    with pytest.raises(TopologyError, match=r"nodes\.b\.tick: node b ticks every 4 seqs, but the "
+                                            r"training split has 38 batches, not a multiple of 4"):
+        probe(load_topology(EXAMPLE, [*TINY, "data.limit=38"]))
+
+
+def test_neither_a_ticking_node_nor_its_producers_may_restart() -> None:
+    with pytest.raises(TopologyError, match=r"nodes\.a\.restart\.max: node a may not restart: node b "
+                                            r"ticks every 4 seqs"):
+        load_topology(EXAMPLE, ["nodes.a.restart.max=1"])
+    assert load_topology(EXAMPLE, ["nodes.parity.restart.max=1"]).nodes["parity"].max_restarts == 1
 
 
 def test_in_process_b_steps_once_per_group_and_its_gradient_reaches_a() -> None:

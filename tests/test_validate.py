@@ -98,6 +98,15 @@ class AnyFloat(Linear):
         return self.linear(x.float())
 
 
+class NoScored:
+    """An objective that forgot `scored`: its head would fail at its first evaluation."""
+    def loss(self, output, labels):
+        return nn.functional.cross_entropy(output, labels)
+
+    def correct(self, output, labels):
+        return int((output.argmax(1) == labels).sum())
+
+
 class Counted(Linear):
     built = 0
 
@@ -201,6 +210,20 @@ def test_head_with_the_wrong_class_count_is_refused(tmp_path, capsys):
     assert code == 2
     assert "nodes.head.module: head (checknodes:Linear) got inputs float32[2,8] and returned " \
            "float32[2,7]: a head gives [batch, 10] class scores" in err, err
+
+
+def test_a_head_objective_is_dry_run_whole_and_built_where_named(tmp_path, capsys):
+    topology = chain()
+    topology["nodes"]["head"]["objective"] = "checknodes:NoScored"
+    code, err = validate(write(tmp_path, topology), capsys)
+    assert code == 2
+    assert ("nodes.head.module: head (checknodes:Linear) got inputs float32[2,8] and returned "
+            "float32[2,10], which the NoScored objective cannot take: AttributeError") in err, err
+    topology["nodes"]["head"]["objective_args"] = {"column": 1}
+    code, err = validate(write(tmp_path, topology), capsys)
+    assert code == 2
+    assert "nodes.head.objective: head's objective checknodes:NoScored with arguments " \
+           "{'column': 1} cannot be built: TypeError" in err, err
 
 
 def test_the_command_exits_2_naming_the_node(tmp_path):
