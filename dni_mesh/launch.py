@@ -140,6 +140,7 @@ class NodeProcess:
     log_path: Path
     hello: wire.Hello | None = None
     address: str | None = None  # where its inbox listens (`wire.Bound`), kept across restarts
+    bound: bool = False  # this process has said where it listens (it binds once)
     told: bool = False  # this process was sent its neighbours' addresses (`wire.Peers`)
     ready: bool = False
     latest: dict = field(default_factory=dict)
@@ -164,7 +165,8 @@ class NodeProcess:
     def restarted(self, process: NodeHandle, now: float) -> None:
         """Watch the process that replaces a dead one as a new start: it must say hello and be
         ready within STARTUP_S, and what its predecessor said no longer counts."""
-        self.process, self.hello, self.told, self.ready, self.final = process, None, False, False, {}
+        self.process, self.hello, self.final = process, None, {}
+        self.bound = self.told = self.ready = False
         self.started = self.last_heard = self.advanced = now
         self.waiting_for = "(not reported)"
 
@@ -411,7 +413,11 @@ class Launcher:
     def take_bound(self, node: NodeProcess, address: str) -> None:
         """Note where a node listens, then tell every node whose neighbours have all bound where
         they are (`wire.Peers`): the node dials them only then. A restarted node must listen
-        where its peers already dial it (`start_node` pins a port chosen at run time)."""
+        where its peers already dial it (`start_node` pins a port chosen at run time). A process
+        binds once: a second `bound` under its name is not its own and changes nothing."""
+        if node.bound:
+            return  # dropped, as the launcher drops what names no node of the mesh
+        node.bound = True
         if node.address is not None and address != node.address:
             raise NodeFailed(f"node {node.name} restarted listening at {address}, but its peers "
                              f"dial it at {node.address}: a restarted node must come back on the "

@@ -45,7 +45,8 @@ def test_port_zero_is_claimed_by_no_one(tmp_path):
 
 def test_the_launcher_tells_a_node_its_peers_once_all_of_them_listen(tmp_path):
     """No processes: Bound messages arrive one by one; each node is sent its neighbours'
-    addresses once, when the last of them has bound; a restart elsewhere fails the run."""
+    addresses once, when the last of them has bound; a second bound of one process changes
+    nothing; a restart elsewhere fails the run."""
     launcher = Launcher(load_topology(write(tmp_path, chain("dni"))), [], tmp_path / "run",
                         live=False, quiet=True)
     sent: list[tuple[str, wire.Message]] = []
@@ -62,6 +63,8 @@ def test_the_launcher_tells_a_node_its_peers_once_all_of_them_listen(tmp_path):
         launcher.take("head", wire.Bound("head", address["head"]))
         assert sent[2:] == [("l2", wire.Peers({"l1": address["l1"], "head": address["head"]})),
                             ("head", wire.Peers({"l2": address["l2"]}))]
+        launcher.take("l1", wire.Bound("l1", "tcp://127.0.0.1:6666"))  # not the process's own
+        assert launcher.nodes["l1"].address == address["l1"] and len(sent) == 4
         l2 = launcher.nodes["l2"]
         l2.restarted(Process(pid=2, code=None), 0.0)
         launcher.take("l2", wire.Bound("l2", address["l2"]))  # back where its peers dial it
