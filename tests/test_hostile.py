@@ -355,11 +355,19 @@ def head_steps(run_dir: Path) -> int:
     return sum(r.get("event") == "step" for r in records(run_dir / "head.jsonl"))
 
 
+def slow_chain(name: str) -> dict:
+    """`chain` whose head is 100 ms away each way: at window 1 every step waits a 200 ms round
+    trip, so training lasts STEPS x 0.2 s however fast the machine, and the impostors (who
+    connect at the head's second step) are in place seconds before it ends. The delay does not
+    change the math: the twin runs the same topology."""
+    return {**chain(name), "links": {"l2 -> head": {"delay_ms": 100}}}
+
+
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory) -> MeshResult:
     tmp = tmp_path_factory.mktemp("mesh")
-    path, run_dir, process = start_run(tmp / "attacked", chain("hostile"))
-    _, twin_dir, twin = start_run(tmp / "twin", chain("hostile"))
+    path, run_dir, process = start_run(tmp / "attacked", slow_chain("hostile"))
+    _, twin_dir, twin = start_run(tmp / "twin", slow_chain("hostile"))
     context = zmq.Context()
     conns: list[Conn] = []
     try:
