@@ -30,13 +30,13 @@ from torch import nn
 
 from dni_mesh import wire
 from dni_mesh.checkpoint import CheckpointPolicy
-from dni_mesh.core import (Batch, Clock, EpochEnd, Gather, InEdge, OutEdge, SourceCore, StageCore,
-                           Wiring)
+from dni_mesh.core import (Batch, Clock, EdgeKind, EpochEnd, Gather, InEdge, OutEdge, SourceCore,
+                           StageCore, Wiring)
 from dni_mesh.language_model import LanguageModel
 from dni_mesh.objective import Classification, Objective
 from dni_mesh.recurrent import RecurrentStage, flat
 from dni_mesh.stage import Stage
-from dni_mesh.synthetic import SyntheticGradientConfig, Synthesizer, make_optimizer
+from dni_mesh.synthetic import SyntheticGradientConfig, SyntheticInput, Synthesizer, make_optimizer
 from dni_mesh.topology import Topology, TopologyError, resolve_import
 from dni_mesh.update import SyntheticGradient, UpdateRule, update_rule
 
@@ -65,7 +65,8 @@ def make_stage(name: str, make_module: Callable[[], nn.Module], *,
                device: torch.device | str = "cpu",
                output_shape: tuple[int, ...] | None = None,
                time: str | None = None, input_dtypes: Sequence[torch.dtype] | None = None,
-               label_shape: tuple[int, ...] = (), objective: Objective | None = None) -> Stage:
+               label_shape: tuple[int, ...] = (), objective: Objective | None = None,
+               synthetic_input: dict | None = None, source_shape: tuple[int, ...] = ()) -> Stage:
     """A node's Stage: module, optimizer and synthesizer seeded from (seed, name). rule None
     makes a head, which owns `objective`, or else the one its labels call for
     (`objective_for`).
@@ -80,6 +81,10 @@ def make_stage(name: str, make_module: Callable[[], nn.Module], *,
     (`dni_mesh.recurrent`), its synthesizer reads one time step of the output, and with "dni"
     a time synthesizer (seeded from name + "/time-synthesizer", sized by a dry run on
     input_dtypes) predicts the gradient beyond each chunk.
+
+    synthetic_input ({"hidden", "width", "optimizer"}) gives a feed-forward stage a synthetic
+    input I (complete unlock) from one sample of the source's data (source_shape) to its one
+    input, seeded from name + "/synthetic-input".
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(node_seed(seed, name))
@@ -99,6 +104,9 @@ def make_stage(name: str, make_module: Callable[[], nn.Module], *,
     settings = dict(rule=rule, objective=objective, synthesizer=synthesizer,
                     sg_optimizer=sg_optimizer, window=window, device=device)
     if time is None:
+        if synthetic_input is not None:
+            settings.update(zip(("synthetic_input", "input_optimizer"), seeded_synthetic_input(
+                synthetic_input, source_shape, input_shapes[0], node_seed(seed, name + "/synthetic-input"))))
         return Stage(name, module, make_optimizer(module.parameters(), optimizer), **settings)
     clock_synthesizer = clock_optimizer = None
     if time == "dni":
@@ -120,6 +128,17 @@ def seeded_synthesizer(shape: tuple[int, ...], num_classes: int,
         torch.manual_seed(seed)
         synthesizer = Synthesizer(shape, num_classes, config, labels_per_sample)
     return synthesizer, make_optimizer(synthesizer.parameters(), config.optimizer)
+
+
+def seeded_synthetic_input(config: dict, source_shape: tuple[int, ...],
+                           target_shape: tuple[int, ...], seed: int
+                           ) -> tuple[SyntheticInput, torch.optim.Optimizer]:
+    """A synthetic input I (`synthetic_input`'s hidden, width, optimizer) built under its own
+    seed (inside a forked RNG), and its optimizer."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = SyntheticInput(source_shape, target_shape, config["hidden"], config["width"])
+    return model, make_optimizer(model.parameters(), config["optimizer"])
 
 
 def state_size(module: nn.Module, input_shapes: Sequence[tuple[int, ...]],
@@ -247,7 +266,7 @@ def plan_digest(topology: Topology) -> str:
     decisive = {"data": [topology.data.source, topology.data.args],
                 "nodes": {n.name: [n.role, n.module, n.args, n.time, n.tick, n.objective,
                                    n.objective_args] for n in topology.nodes.values()},
-                "edges": [[e.name, e.gather] for e in topology.edges]}
+                "edges": [[e.name, e.gather, e.kind] for e in topology.edges]}
     return hashlib.sha256(json.dumps(decisive, sort_keys=True, default=repr).encode()).hexdigest()
 
 
@@ -492,7 +511,25 @@ def _dry_run(topology: Topology, name: str, shapes: dict[str, tuple[int, ...]],
                              labels.reshape(-1), num_classes)
     else:
         _dry_run_synthesizer(topology, name, who, out, labels, num_classes)
+    if spec.synthetic_input is not None:
+        _dry_run_synthetic_input(topology, name, shapes[topology.source], inputs[0])
     return tuple(out.shape[1:]), out.dtype
+
+
+def _dry_run_synthetic_input(topology: Topology, name: str, source_shape: tuple[int, ...],
+                             real: torch.Tensor) -> None:
+    """Build the node's synthetic input and check it predicts its input's shape from the data."""
+    config = topology.nodes[name].synthetic_input
+    try:
+        model, _ = seeded_synthetic_input(config, source_shape, tuple(real.shape[1:]), 0)
+        guess, error = _forward(model.eval(), [torch.zeros(DRY_BATCH, *source_shape)])
+    except Exception as exc:
+        guess, error = None, exc
+    if error is not None or guess.shape != real.shape:
+        why = _why(error) if error is not None else f"it gives {_show(guess)}"
+        raise topology.error(("nodes", name, "synthetic_input"), (
+            f"{name}: no synthetic input from the source's data [{', '.join(map(str, source_shape))}]"
+            f" to its input {_show(real)}: {why}")) from error
 
 
 def _is_state(state: object) -> bool:
@@ -577,8 +614,8 @@ def wiring(topology: Topology, name: str, found: Plan) -> Wiring:
     spec = topology.nodes[name]
     inputs = tuple(InEdge(e.name, e.src, node_window(topology, e.src),
                           topology.nodes[e.src].role != "source", found.shapes[e.src],
-                          found.dtypes[e.src], Gather(e.gather))
-                   for e in topology.inputs(name))
+                          found.dtypes[e.src], Gather(e.gather), EdgeKind(e.kind))
+                   for e in topology.in_edges(name))
     outputs = tuple(OutEdge(e.name, e.dst) for e in topology.outputs(name))
     return Wiring(name, inputs, outputs, node_window(topology, name), spec.role != "source",
                   topology.data.batch_size, found.num_classes, found.label_shape, spec.tick)
@@ -599,7 +636,8 @@ def build_stage(topology: Topology, name: str, found: Plan | None = None) -> Sta
         input_dtypes=[found.dtypes[e.src] for e in topology.inputs(name)],
         label_shape=found.label_shape,
         objective=(node_objective(topology, name, found.label_shape, found.num_classes)
-                   if spec.role == "head" else None))
+                   if spec.role == "head" else None),
+        synthetic_input=spec.synthetic_input, source_shape=found.shapes[topology.source])
 
 
 def largest_tensor(topology: Topology, name: str, found: Plan) -> int:
@@ -608,7 +646,7 @@ def largest_tensor(topology: Topology, name: str, found: Plan) -> int:
     bounds what a peer can make it allocate by this, not by the protocol's 1 GiB."""
     batch = topology.data.batch_size
     sizes = [8 * batch * math.prod(found.label_shape)]  # int64 labels
-    for node in [e.src for e in topology.inputs(name)] + ([name] if topology.outputs(name) else []):
+    for node in [e.src for e in topology.in_edges(name)] + ([name] if topology.outputs(name) else []):
         shape, dtype = found.shapes[node], found.dtypes[node]
         sizes.append(batch * math.prod(shape) * dtype.itemsize)
     return max(sizes)

@@ -21,6 +21,12 @@ neighbour, each neighbour expires what it had in flight with it and answers with
 on the edge, and the node resumes at the furthest of them. What was in flight is lost, never
 waited for: a producer counts it `expired`, and a consumer skips the seqs its producer will
 never send (answering the other producers of those seqs with zeros: they learn nothing from it).
+
+Complete unlock: a node with a trigger edge from the source takes seq t's batch x there and
+steps on its synthetic input I(x) at once (`Stage.synthetic_step`), up to `window` seqs ahead of
+the answers it waits for; the real step of seq t, when its input arrives, only makes the output
+and the answers and fits I. The trigger edge is answered with the real step, so at window 1 the
+events come in one order: synthetic step t, real step t, the answer to t, synthetic step t + 1.
 """
 from __future__ import annotations
 
@@ -39,6 +45,12 @@ from dni_mesh.language_model import IGNORE, LanguageModel, bits_per_token, perpl
 from dni_mesh.stage import Stage, StepResult
 
 
+class EdgeKind(enum.Enum):
+    """What an in-edge brings."""
+    DATA = "data"        # an input of the node's module
+    TRIGGER = "trigger"  # the source's batch, for the node's synthetic input I(x)
+
+
 class Gather(enum.Enum):
     """What a node that ticks once every k seqs takes from an in-edge at its step."""
     LATEST = "latest"  # the group's last activation; the others are answered at once, with zeros
@@ -55,6 +67,7 @@ class InEdge:
     shape: tuple[int, ...]   # one sample of the activation
     dtype: torch.dtype
     gather: Gather = Gather.LATEST  # with tick > 1
+    kind: EdgeKind = EdgeKind.DATA
 
 
 @dataclass(frozen=True)
@@ -537,6 +550,8 @@ class StageCore(Core):
         self.skipped: set[int] = set()  # seqs that will never be joined (a producer skipped them)
         self.late: dict[str, int] = {}  # in-edge -> seqs below this are answered, not stepped
         self.backlog: list[Action] = []  # answers owed for skipped seqs, sent at the next advance
+        self.trigger = next((e.name for e in wiring.inputs if e.kind is EdgeKind.TRIGGER), None)
+        self.synthetic_seq = 0  # complete unlock: the next seq to step on I(x)
 
     def open_edge(self, peer: str, name: str) -> InEdge | str:
         """The in-edge a message names, if peer is its producer and it has not ended; else why not."""
@@ -707,7 +722,10 @@ class StageCore(Core):
     def advance(self) -> list[Action]:
         actions, self.backlog = self.backlog, []
         self.pass_skipped()
-        while self.ready() and not self.outputs.full() and not self.rejoining:
+        while True:
+            self.synthetic_steps()
+            if not (self.ready() and not self.outputs.full() and not self.rejoining):
+                break
             acts, inputs = self.gather()
             actions += self.step(self.group()[-1], acts, inputs)
             self.next_seq += self.wiring.tick
@@ -720,6 +738,22 @@ class StageCore(Core):
             actions += self.close_eval()
             actions += self.outputs.end()
         return actions
+
+    def synthetic_steps(self) -> None:
+        """Complete unlock: train on I(x) for each training batch the trigger edge brought, in
+        seq order, while the steps ahead of the real ones and the outputs in flight together
+        stay within the window."""
+        if self.trigger is None or self.rejoining:
+            return
+        self.synthetic_seq = max(self.synthetic_seq, self.next_seq)
+        while len(self.outputs.pending) + self.synthetic_seq - self.next_seq < self.wiring.window:
+            act = self.arrived.get(self.synthetic_seq, {}).get(self.trigger)
+            if act is None:
+                return
+            if act.phase == "train":
+                self.stage.synthetic_step(aligned(act.h), act.labels)
+                self.counters.progress += 1
+            self.synthetic_seq += 1
 
     def drop_partial_group(self) -> list[Action]:
         """The data ended inside a group: it is never stepped; answer what it brought."""
@@ -735,6 +769,8 @@ class StageCore(Core):
         of every in-edge; acts are the in-edges' activations of seq."""
         phase, n = acts[0].phase, len(acts[0].h)
         labels = next((a.labels for a in acts if a.labels is not None), None)
+        if self.trigger is not None:  # the source's batch is for I, not for the module
+            x, inputs = inputs[-1], inputs[:-1]
         if phase != "train":
             self.last_phase = phase
             if not self.eval.batches:
@@ -747,7 +783,8 @@ class StageCore(Core):
         actions = self.close_eval()
         actions += self.checkpoint(self.next_seq, phase)
         self.train_clock.tick(n, self.clock())
-        needs_grad = [edge.needs_grad for edge in self.inputs.values()]
+        needs_grad = [edge.needs_grad for edge in self.inputs.values() if edge.kind is EdgeKind.DATA]
+        fitted = self.stage.fit_input(x, inputs[0]) if self.trigger is not None else None
         result = self.stage.forward(seq, inputs, labels, needs_grad)
         actions += self.send_output(seq, result, labels, phase)
         self.counters.steps += 1
@@ -758,6 +795,8 @@ class StageCore(Core):
                   "samples_per_s": self.rate()}
         if result.loss is not None:
             record["loss"] = result.loss
+        if fitted is not None:
+            record["input_loss"] = fitted
         return actions + [Record(record)]
 
     def send_output(self, seq: int, result: StepResult, labels: Tensor | None,
@@ -826,11 +865,14 @@ class StageCore(Core):
         return self.outputs.waiting_for()
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "next_seq": self.next_seq, "accepted": dict(self.accepted)}
+        return {**super().state_dict(), "next_seq": self.next_seq, "accepted": dict(self.accepted),
+                "synthetic_seq": self.synthetic_seq}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.next_seq = int(state["next_seq"])
+        # Its steps ahead are in the weights saved; a checkpoint from before complete unlock has none.
+        self.synthetic_seq = int(state.get("synthetic_seq", self.next_seq))
         # Every seq comes down every in-edge once: at a checkpoint each edge has brought next_seq
         # (the count saved may include seqs that arrived early and were lost with the process).
         self.accepted = dict.fromkeys(self.inputs, self.next_seq)

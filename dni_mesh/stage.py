@@ -20,6 +20,12 @@ consumers); it ships what the calls return. What happens in between is the node'
   stash) and, when its gradient comes back, recomputes its output with them, takes the weight
   and input gradients there and applies the weight gradients to the current weights.
 
+Complete unlock (paper section 3.4): a synthetic-gradient stage may also have a synthetic input
+I(x), a model of its input from the source's batch x. It then updates in `synthetic_step`, on
+module(I(x)) with M's gradient, as soon as x is there; `forward` on the real input makes the
+output for downstream and the input gradient for upstream without updating the module, and
+`fit_input` regresses I(x) onto the real input.
+
 A head stage owns an objective (the loss) instead of a rule: it updates from the true gradient
 in `forward` and returns the true input gradients, the loss and the number of correct
 predictions.
@@ -36,7 +42,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from dni_mesh.objective import Objective
-from dni_mesh.synthetic import Synthesizer, fit
+from dni_mesh.synthetic import Synthesizer, SyntheticInput, fit
 from dni_mesh.update import Backprop, BPLambda, Delayed, SyntheticGradient, UpdateRule
 
 
@@ -59,6 +65,7 @@ class BackwardResult:
 class StageStats:
     steps: int = 0      # module optimizer steps
     sg_fits: int = 0    # synthesizer regression steps
+    input_fits: int = 0  # synthetic input regression steps (complete unlock)
     stale: int = 0      # backward for a seq already answered
     unknown: int = 0    # backward for a seq never taken forward in training
 
@@ -79,6 +86,8 @@ class Stage:
     def __init__(self, name: str, module: nn.Module, optimizer: Optimizer, *,
                  rule: UpdateRule | None = None, objective: Objective | None = None,
                  synthesizer: Synthesizer | None = None, sg_optimizer: Optimizer | None = None,
+                 synthetic_input: SyntheticInput | None = None,
+                 input_optimizer: Optimizer | None = None,
                  window: int = 1, device: torch.device | str = "cpu"):
         if (rule is None) == (objective is None):
             raise ValueError(f"stage {name}: give an update rule (a stage) or an objective "
@@ -90,6 +99,11 @@ class Stage:
         if isinstance(rule, SyntheticGradient) and synthesizer.conditioned != rule.conditioned:
             raise ValueError(f"stage {name}: rule {rule} needs a "
                              f"{'' if rule.conditioned else 'un'}conditioned synthesizer")
+        if synthetic_input is not None and not (
+                isinstance(rule, SyntheticGradient) and not rule.defers_input_grads
+                and input_optimizer is not None):
+            raise ValueError(f"stage {name}: a synthetic input needs the dni or cdni rule with "
+                             f"bootstrap targets and an optimizer for I, not {rule}")
         self.name = name
         self.device = torch.device(device)
         self.module = module.to(self.device)
@@ -98,6 +112,8 @@ class Stage:
         self.objective = objective
         self.synthesizer = synthesizer.to(self.device) if synthesizer is not None else None
         self.sg_optimizer = sg_optimizer
+        self.synthetic_input = synthetic_input.to(self.device) if synthetic_input is not None else None
+        self.input_optimizer = input_optimizer
         self.window = window
         self.stats = StageStats()
         self.pending: dict[int, Pending] = {}
@@ -134,7 +150,11 @@ class Stage:
         if self.rule.locked:
             self.pending[seq] = Pending(h, labels, leaves)
             return StepResult(output=h.detach(), input_grads=None)
-        self.apply(h, self.synthetic_gradient(h.detach(), labels))
+        synthetic = self.synthetic_gradient(h.detach(), labels)
+        if self.synthetic_input is not None:  # the module learns in synthetic_step only
+            self.pending[seq] = Pending(h.detach(), labels)
+            return StepResult(output=h.detach(), input_grads=leaf_grads(h, leaves, synthetic))
+        self.apply(h, synthetic)
         if deferred:
             self.pending[seq] = Pending(h.detach(), labels, leaves, list(needs_input_grad))
             return StepResult(output=h.detach(), input_grads=None)
@@ -169,6 +189,23 @@ class Stage:
         sg_loss = self.fit_synthesizer(entry.h, entry.labels, grad)
         input_grads = self.backpropagate(entry.inputs, entry.needs_grad, grad) if entry.inputs else None
         return BackwardResult(input_grads=input_grads, sg_loss=sg_loss)
+
+    def synthetic_step(self, x: Tensor, labels: Tensor | None) -> None:
+        """Complete unlock: update on module(I(x)) with M's gradient, without the real input."""
+        x = x.to(self.device, torch.float32)
+        self.synthetic_input.train()
+        with torch.no_grad():
+            guess = self.synthetic_input(x)
+        self.module.train()
+        h = self.module(guess)
+        self.apply(h, self.synthetic_gradient(h.detach(), labels))
+
+    def fit_input(self, x: Tensor, real: Tensor) -> float:
+        """Regress I(x) onto the real input that came for the source's batch x."""
+        loss = fit(self.synthetic_input, self.input_optimizer, real.to(self.device),
+                   x.to(self.device, torch.float32))
+        self.stats.input_fits += 1
+        return loss
 
     def forget(self, seq: int) -> list[Tensor | None] | None:
         """Drop step seq, whose gradient will never come (its consumer restarted). When it still
@@ -273,10 +310,7 @@ class Stage:
         state = {**dict(self.module.named_parameters()),
                  **{name: b.clone() for name, b in self.module.named_buffers()}}
         self.module.train()
-        h = torch.func.functional_call(self.module, state, tuple(leaves))
-        wanted = [x for x in leaves if x.requires_grad]
-        grads = iter(torch.autograd.grad(h, wanted, grad, allow_unused=True, materialize_grads=True))
-        return [next(grads) if x.requires_grad else None for x in leaves]
+        return leaf_grads(torch.func.functional_call(self.module, state, tuple(leaves)), leaves, grad)
 
     def fit_synthesizer(self, h: Tensor, labels: Tensor | None, grad: Tensor) -> float:
         loss = fit(self.synthesizer, self.sg_optimizer, grad, h,
@@ -294,22 +328,37 @@ class Stage:
         if self.synthesizer is not None:
             state["synthesizer"] = self.synthesizer.state_dict()
             state["sg_optimizer"] = self.sg_optimizer.state_dict()
+        if self.synthetic_input is not None:
+            state["synthetic_input"] = self.synthetic_input.state_dict()
+            state["input_optimizer"] = self.input_optimizer.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what `state_dict` saved, into a stage built with the same settings."""
-        has_synthesizer = "synthesizer" in state
-        if has_synthesizer != (self.synthesizer is not None):
-            raise ValueError(f"stage {self.name}: the state {'has' if has_synthesizer else 'lacks'}"
-                             " a synthesizer and this stage does not match")
+        for part, own in (("synthesizer", self.synthesizer), ("synthetic_input", self.synthetic_input)):
+            if (part in state) != (own is not None):
+                raise ValueError(f"stage {self.name}: the state {'has' if part in state else 'lacks'}"
+                                 f" a {part.replace('_', ' ')} and this stage does not match")
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.synthesizer is not None:
             self.synthesizer.load_state_dict(state["synthesizer"])
             self.sg_optimizer.load_state_dict(state["sg_optimizer"])
+        if self.synthetic_input is not None:
+            self.synthetic_input.load_state_dict(state["synthetic_input"])
+            self.input_optimizer.load_state_dict(state["input_optimizer"])
         self.stats = StageStats(**state["stats"])
         self.last_seq = int(state["last_seq"])
         self.pending.clear()
+
+
+def leaf_grads(h: Tensor, leaves: list[Tensor], grad: Tensor) -> list[Tensor | None]:
+    """The gradient of each leaf that asked for one, for the output gradient grad at h (zeros
+    where the module ignores a leaf), without touching any parameter's .grad."""
+    wanted = [x for x in leaves if x.requires_grad]
+    grads = iter(torch.autograd.grad(h, wanted, grad, allow_unused=True, materialize_grads=True)
+                 if wanted else ())
+    return [next(grads) if x.requires_grad else None for x in leaves]
 
 
 def grads_of(leaves: list[Tensor]) -> list[Tensor | None]:

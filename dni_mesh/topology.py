@@ -38,6 +38,8 @@ class EdgeSpec:
     dst: str
     mode: str  # backprop | dni | cdni | bp_lambda | delayed: the update rule of `src`
     gather: str = "latest"  # latest | stack: what `dst`, ticking every few seqs, takes
+    kind: str = "data"  # data: an input of dst's module | trigger: the source's batch for dst's
+                        # synthetic input I(x) (complete unlock); added by `synthetic_input`
 
     @property
     def name(self) -> str:
@@ -105,6 +107,7 @@ class NodeSpec:
     address: str  # tcp://{host address}:{port}, the node's inbox
     mode: str | None  # the mode of its out-edges; None for a head
     ray: dict[str, Any] | None = None  # num_cpus, num_gpus, resources: its own, else its host's
+    synthetic_input: dict[str, Any] | None = None  # hidden, width, optimizer; None: no unlock
 
 
 @dataclass(frozen=True)
@@ -132,8 +135,13 @@ class Topology:
         return TopologyError(message, file=str(self.path), key=".".join(map(str, key)) or None)
 
     def inputs(self, node: str) -> list[EdgeSpec]:
-        """In-edges in file order: a fan-in module is called as module(*inputs) in this order."""
-        return [e for e in self.edges if e.dst == node]
+        """In-edges in file order: a fan-in module is called as module(*inputs) in this order.
+        A trigger edge is no input of the module (`in_edges` has it too)."""
+        return [e for e in self.edges if e.dst == node and e.kind == "data"]
+
+    def in_edges(self, node: str) -> list[EdgeSpec]:
+        """Every edge into the node: its inputs, then its trigger edge if it has one."""
+        return self.inputs(node) + [e for e in self.edges if e.dst == node and e.kind == "trigger"]
 
     def outputs(self, node: str) -> list[EdgeSpec]:
         return [e for e in self.edges if e.src == node]
@@ -146,7 +154,7 @@ class Topology:
 
     def neighbours(self, node: str) -> set[str]:
         """The nodes at the other end of its edges: all it sends to and all that may send to it."""
-        return {e.dst for e in self.outputs(node)} | {e.src for e in self.inputs(node)}
+        return {e.dst for e in self.outputs(node)} | {e.src for e in self.in_edges(node)}
 
     @property
     def source(self) -> str:
@@ -195,6 +203,7 @@ def load_topology(path: str | Path, overrides: Sequence[str] = (), *,
     nodes = {name: _node_spec(raw, name, node, modes[name], hosts[places[name][0]], places[name][1])
              for name, node in settings.items()}
     _check_clocks(raw, nodes, edges, top.checkpoint.every)
+    edges += _trigger_edges(raw, nodes, edges)
     file_path = Path(path).resolve()
     topology = Topology(
         name=top.name or file_path.stem, mode=top.mode, seed=top.seed,
@@ -407,7 +416,39 @@ def _node_spec(raw: RawTopology, name: str, node: NodeFile, mode: str | None, ho
         max_restarts=node.restart.max, tick=node.tick, objective=node.objective,
         objective_args=node.objective_args, host=host.name, port=port,
         address=f"tcp://{host.address}:{port}", mode=mode,
-        ray=node.ray.model_dump() if node.ray is not None else host.ray)
+        ray=node.ray.model_dump() if node.ray is not None else host.ray,
+        synthetic_input=node.synthetic_input and node.synthetic_input.model_dump())
+
+
+def _trigger_edges(raw: RawTopology, nodes: dict[str, NodeSpec],
+                   edges: list[EdgeSpec]) -> list[EdgeSpec]:
+    """An edge from the source to every node with a synthetic input (complete unlock): the
+    node steps on I(x) as soon as the source's batch x is there. What the paper unlocks this
+    way is a stage of a chain that learns from synthetic gradients; anything else is refused."""
+    source = next(name for name, node in nodes.items() if node.role == "source")
+    triggers = []
+    for name, node in nodes.items():
+        if node.synthetic_input is None:
+            continue
+        key = ("nodes", name, "synthetic_input")
+        inputs = [e for e in edges if e.dst == name]
+        problem = (
+            f"only a stage takes a synthetic input, not a {node.role}" if node.role != "stage" else
+            f"a synthetic input stands for one input; it has {len(inputs)} in-edges"
+            if len(inputs) != 1 else
+            f"its input comes from the source {source!r} already: nothing to unlock"
+            if inputs[0].src == source else
+            f"a synthetic input needs mode dni or cdni (its out-edges), not {node.mode}"
+            if node.mode not in ("dni", "cdni") else
+            "a synthetic input needs synthetic_gradient.target bootstrap"
+            if node.synthetic_gradient["target"] != "bootstrap" else
+            f"a recurrent node (time: {node.time}) takes no synthetic input" if node.time else
+            None)
+        if problem is not None:
+            raise raw.error(key, f"node {name}: {problem}")
+        source_mode = next(e.mode for e in edges if e.src == source)
+        triggers.append(EdgeSpec(source, name, source_mode, kind="trigger"))
+    return triggers
 
 
 def _check_clocks(raw: RawTopology, nodes: dict[str, NodeSpec], edges: list[EdgeSpec],
@@ -551,7 +592,8 @@ def describe(topology: Topology, outputs: dict[str, str] | None = None) -> str:
              "nodes (in topological order):"]
     rows = [[name, n.role, f"{n.module}({_kwargs(n.args)})" if n.module else "-",
              f"{n.host} {n.address}", n.device, f"mode {n.mode}" if n.mode else "loss",
-             " ".join(([f"time {n.time}"] if n.time and n.module else []) + ([f"tick {n.tick}"] if n.tick > 1 else []))]
+             " ".join(([f"time {n.time}"] if n.time and n.module else []) + ([f"tick {n.tick}"] if n.tick > 1 else [])
+                      + (["synthetic input"] if n.synthetic_input else []))]
             + ([f"-> {outputs[name]}" if name in outputs else ""] if outputs else [])
             for name in t.topological_order() for n in [t.nodes[name]]]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -564,7 +606,8 @@ def describe(topology: Topology, outputs: dict[str, str] | None = None) -> str:
             f"  link: delay {link.delay_ms:g} ms, jitter {link.jitter_ms:g} ms, bandwidth "
             + ("unlimited" if link.bandwidth_mbps is None else f"{link.bandwidth_mbps:g} Mbit/s"))
         gather = f"  gather {edge.gather}" if t.nodes[edge.dst].tick > 1 else ""
-        lines.append(f"  {str(edge).ljust(width)}  {edge.mode}{gather}{shaped}")
+        mode = "trigger (synthetic input)" if edge.kind == "trigger" else edge.mode
+        lines.append(f"  {str(edge).ljust(width)}  {mode}{gather}{shaped}")
     return "\n".join(lines)
 
 

@@ -89,6 +89,13 @@ class SyntheticGradientFile(_Strict):
     optimizer: OptimizerFile = Field(default_factory=lambda: OptimizerFile(name="adam", lr=1e-4))
 
 
+class SyntheticInputFile(_Strict):
+    """A node's synthetic input I(x) (complete unlock, dni_mesh.synthetic.SyntheticInput)."""
+    hidden: Annotated[int, Field(ge=0)] = 2
+    width: PositiveInt = 1024
+    optimizer: OptimizerFile = Field(default_factory=lambda: OptimizerFile(name="adam", lr=1e-4))
+
+
 class RestartFile(_Strict):
     """How often the launcher restarts a node that died (dni_mesh.launch)."""
     max: Annotated[int, Field(ge=0)] = 0  # 0: never; a death fails the run
@@ -126,6 +133,7 @@ class NodeFile(SettingsFile):
     objective_args: dict[str, Any] = Field(default_factory=dict)
     host: str | None = None
     port: Port | None = None
+    synthetic_input: SyntheticInputFile | None = None  # None: the node waits for its input
 
 
 class DataFile(_Strict):
