@@ -41,6 +41,9 @@ from dni_mesh.pipelining import run_gpipe
 from dni_mesh.reference import ChainConfig, ChainTrainer, chain_names
 from dni_mesh.topology import Topology, TopologyError, load_topology
 
+COMPLETE_UNLOCK = "complete_unlock"
+"""A bench mode beyond the topology's: cdni, with a synthetic input on every stage that is not
+fed by the source (paper section 3.4); `variant` spells it as overrides."""
 NO_DELAY_NOTE = ("gloo's traffic bypasses the mesh's link emulation (and the kernel has no tc "
                  "netem): measured at delay 0 only")
 
@@ -105,6 +108,16 @@ def eval_due(topology: Topology, epoch: int) -> bool:
     return epoch == data.epochs or bool(data.eval_every and epoch % data.eval_every == 0)
 
 
+def variant(topology: Topology, mode: str) -> list[str]:
+    """The overrides that make a bench mode of the topology: `mode=...`, and for complete unlock
+    a synthetic input (default settings) on each stage whose input is not the source's data."""
+    if mode != COMPLETE_UNLOCK:
+        return [f"mode={mode}"]
+    fed = {e.dst for e in topology.outputs(topology.source)}
+    return ["mode=cdni", *(f"nodes.{name}.synthetic_input={{}}" for name, spec in topology.nodes.items()
+                           if spec.role == "stage" and name not in fed)]
+
+
 def mesh_row(config: BenchConfig, mode: str, delay_ms: float, repeat: int,
              forkserver: ForkServer) -> Row:
     """Run the whole mesh once and read its head's records.
@@ -113,7 +126,8 @@ def mesh_row(config: BenchConfig, mode: str, delay_ms: float, repeat: int,
     head's last record is the start-up before it (overestimated by the head's exit, a fraction of
     a second), so the two add up to seconds since the run started.
     """
-    overrides = [*config.overrides, f"mode={mode}", f"links.default.delay_ms={delay_ms:g}"]
+    overrides = [*config.overrides, *variant(load_topology(config.topology, config.overrides), mode),
+                 f"links.default.delay_ms={delay_ms:g}"]
     topology = load_topology(config.topology, overrides)
     run_dir = config.run_dir / f"mesh-{mode}-{delay_ms:g}ms-{repeat}"
     summary = run(config.topology, overrides, run_dir=run_dir, live=False, topology=topology,
@@ -198,7 +212,7 @@ def bench_repeat(config: BenchConfig, topology: Topology, peers: bool, repeat: i
     threads = torch.get_num_threads()
     torch.set_num_threads(topology.nodes[topology.heads[0]].threads)  # as much as one node
     try:
-        for mode in config.modes:
+        for mode in [m for m in config.modes if m != COMPLETE_UNLOCK]:  # the chain trainer has none
             progress(f"bench {repeat + 1}/{config.repeat}: reference, mode {mode}")
             rows.append(reference_row(config, mode, repeat))
     finally:
@@ -332,8 +346,9 @@ def plot(report: dict, path: Path) -> None:
 
 def check(config: BenchConfig) -> None:
     """Refuse a bad mode, override or microbatch count before the first run starts."""
+    base = load_topology(config.topology, config.overrides)
     for mode in config.modes:
-        topology = load_topology(config.topology, [*config.overrides, f"mode={mode}"])
+        topology = load_topology(config.topology, [*config.overrides, *variant(base, mode)])
     if topology.data.batch_size % config.microbatches:
         raise ValueError(f"batch_size {topology.data.batch_size} does not split into "
                          f"--microbatches {config.microbatches} equal parts")

@@ -81,7 +81,8 @@ def parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="measure the mesh per mode and link delay beside a "
                            "single-process reference and torch's GPipe pipeline")
     _topology_args(bench)
-    bench.add_argument("--modes", default="backprop,dni,cdni", help="comma-separated modes")
+    bench.add_argument("--modes", default="backprop,dni,cdni",
+                       help="comma-separated modes, and complete_unlock (cdni with synthetic inputs)")
     bench.add_argument("--delays", default="0,2ms,10ms,50ms",
                        help="comma-separated link delays per message (ms, or with an s suffix)")
     bench.add_argument("--target", type=float, default=0.9, help="test accuracy to time")

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dni_mesh.bench import Row, parse_delay, steady_rate, summarise, time_to_target
+from dni_mesh.bench import Row, parse_delay, steady_rate, summarise, time_to_target, variant
 from dni_mesh.cli import main
+from dni_mesh.topology import load_topology
 from dni_mesh.transport import free_port_range
 
 ROW_KEYS = {"system", "mode", "delay_ms", "samples_per_s", "test_accuracy", "wall_s",
@@ -92,6 +93,15 @@ def test_bad_settings_exit_2_before_any_run(tmp_path, capsys, args, expected):
     assert code == 2
     assert expected in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_complete_unlock_gives_every_stage_not_fed_by_the_source_a_synthetic_input():
+    example = Path(__file__).parents[1] / "examples" / "bench_mnist.yaml"
+    overrides = variant(load_topology(example), "complete_unlock")
+    assert overrides == ["mode=cdni", "nodes.l2.synthetic_input={}", "nodes.l3.synthetic_input={}"]
+    unlocked = load_topology(example, overrides)
+    assert [e.name for e in unlocked.edges if e.kind == "trigger"] == ["source->l2", "source->l3"]
+    assert variant(unlocked, "dni") == ["mode=dni"]
 
 
 def test_parse_delay():
