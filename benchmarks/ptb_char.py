@@ -42,8 +42,10 @@ class Run:
     time_sg_loss: float | None = None                 # DNI: last regression loss of M_t
 
 
-def stage_for(method: str, vocab: int, args: argparse.Namespace) -> RecurrentStage:
-    """An LSTM language model over `vocab` tokens; under "dni" with a time synthesizer."""
+def stage_for(method: str, vocab: int, args: argparse.Namespace,
+              time_target_decay: float | None = None) -> RecurrentStage:
+    """An LSTM language model over `vocab` tokens; under "dni" with a time synthesizer (its
+    targets normalised by their running size with a time_target_decay: `RecurrentStage`)."""
     torch.manual_seed(args.seed)
     module = LSTMHead(vocab, args.hidden, vocab, tokens=True)
     synthesizer = sg_optimizer = None
@@ -56,7 +58,7 @@ def stage_for(method: str, vocab: int, args: argparse.Namespace) -> RecurrentSta
     return RecurrentStage("lm", module, make_optimizer(module.parameters(),
                                                        {"name": "adam", "lr": args.lr}),
                           objective=LanguageModel(), time_synthesizer=synthesizer,
-                          time_sg_optimizer=sg_optimizer)
+                          time_sg_optimizer=sg_optimizer, time_target_decay=time_target_decay)
 
 
 def bpc(stage: RecurrentStage, data: PennTreebank) -> float:

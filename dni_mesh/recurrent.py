@@ -83,6 +83,12 @@ class RecurrentStage(Stage):
     time_synthesizer (with time_sg_optimizer): DNI in time, an unconditioned Synthesizer over
     the flattened state ((state size,)); None is truncated BPTT. Rules: Backprop or
     SyntheticGradient with bootstrap targets; a head takes an objective instead.
+
+    time_target_decay: None (the default) fits M_t onto the raw bootstrapped target. A decay
+    beta in (0, 1) fits it onto target / sigma instead, sigma^2 an exponential moving average
+    (decay beta) of the targets' mean square, and multiplies its prediction by sigma wherever
+    it is used: M_t then learns at a rate relative to the size of its targets, which are tiny
+    (a gradient of a loss averaged over batch and chunk) and grow as the module learns.
     """
 
     def __init__(self, name: str, module: nn.Module, optimizer: Optimizer, *,
@@ -90,6 +96,7 @@ class RecurrentStage(Stage):
                  synthesizer: Synthesizer | None = None, sg_optimizer: Optimizer | None = None,
                  time_synthesizer: Synthesizer | None = None,
                  time_sg_optimizer: Optimizer | None = None,
+                 time_target_decay: float | None = None,
                  window: int = 1, device: torch.device | str = "cpu"):
         if rule is not None and not self.supports(rule):
             raise ValueError(f"recurrent stage {name}: rule {rule} is not supported; use "
@@ -100,12 +107,17 @@ class RecurrentStage(Stage):
         if time_synthesizer is not None and time_synthesizer.conditioned:
             raise ValueError(f"recurrent stage {name}: the time synthesizer reads the state "
                              "alone; it cannot be conditioned on labels")
+        if time_target_decay is not None and not 0.0 < time_target_decay < 1.0:
+            raise ValueError(f"recurrent stage {name}: time_target_decay {time_target_decay} "
+                             "must be in (0, 1), or None")
         super().__init__(name, module, optimizer, rule=rule, objective=objective,
                          synthesizer=synthesizer, sg_optimizer=sg_optimizer, window=window,
                          device=device)
         self.time_synthesizer = (time_synthesizer.to(self.device)
                                  if time_synthesizer is not None else None)
         self.time_sg_optimizer = time_sg_optimizer
+        self.time_target_decay = time_target_decay
+        self.time_target_ms: float | None = None   # running mean square of M_t's targets
         self.stats = RecurrentStats()
         self.state: State | None = None        # carried training state, detached
         self.eval_state: State | None = None   # carried evaluation state, detached
@@ -167,7 +179,8 @@ class RecurrentStage(Stage):
         fit M_t's prediction for start onto the gradient that reached it."""
         if self.time_synthesizer is not None:
             with torch.no_grad():
-                future = self.time_synthesizer(flat(end).detach()) * self.time_synthesizer.scale
+                future = (self.time_synthesizer(flat(end).detach())
+                          * (self.time_synthesizer.scale * self.target_scale()))
             ends = parts(end)
             sizes = [s[0].numel() for s in ends]
             pieces = future.split(sizes, dim=1)
@@ -176,9 +189,24 @@ class RecurrentStage(Stage):
         if self.time_synthesizer is not None and start is not None:
             target = flat(tuple(s.grad if s.grad is not None else torch.zeros_like(s)
                                 for s in parts(start)))
+            if self.time_target_decay is not None:
+                square = target.pow(2).mean().item()
+                beta = self.time_target_decay
+                self.time_target_ms = (square if self.time_target_ms is None
+                                       else beta * self.time_target_ms + (1 - beta) * square)
+                target = target / self.target_scale()
             self.stats.time_loss = fit(self.time_synthesizer, self.time_sg_optimizer, target,
                                        flat(start).detach())
             self.stats.time_fits += 1
+
+    def target_scale(self) -> float:
+        """sigma, the factor between M_t's output and the gradient it stands for (1: no
+        normalisation; 0 before the first target under normalisation, M_t being silent)."""
+        if self.time_target_decay is None:
+            return 1.0
+        if self.time_target_ms is None:
+            return 0.0
+        return max(self.time_target_ms, 1e-30) ** 0.5
 
     def evaluate(self, inputs: list[Tensor], labels: Tensor | None) -> StepResult:
         """Forward only, from the carried evaluation state (never the training state).
@@ -209,6 +237,8 @@ class RecurrentStage(Stage):
         if self.time_synthesizer is not None:
             state["time_synthesizer"] = self.time_synthesizer.state_dict()
             state["time_sg_optimizer"] = self.time_sg_optimizer.state_dict()
+            if self.time_target_ms is not None:
+                state["time_target_ms"] = self.time_target_ms
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -225,6 +255,7 @@ class RecurrentStage(Stage):
         if self.time_synthesizer is not None:
             self.time_synthesizer.load_state_dict(state["time_synthesizer"])
             self.time_sg_optimizer.load_state_dict(state["time_sg_optimizer"])
+            self.time_target_ms = state.get("time_target_ms")
 
 
 def per_step(y: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor | None]:

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from dni_mesh.language_model import IGNORE, LanguageModel, bits_per_token, perplexity
 from dni_mesh.recurrent import RecurrentStage, flat
@@ -97,10 +98,11 @@ def test_locked_layer_and_head_equal_a_two_layer_bptt_model():
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
-def test_dni_in_time_updates_with_the_prediction_and_fits_the_bootstrapped_target():
-    stage = head(dni=True)
-    (x0, y0), (x1, y1) = chunks(2)
-    stage.forward(0, [x0], y0)
+def by_hand(stage: RecurrentStage, x: torch.Tensor, y: torch.Tensor, future_scale: float = 1.0,
+            normalise=lambda target: target):
+    """Copies of the stage's module and M_t, stepped on chunk (x, y) as DNI in time says: the
+    module's loss plus M_t's prediction (times future_scale) at the chunk's end, then M_t fitted
+    on normalise(the gradient that reached the start). Returns them, the target and the future."""
     start = tuple(s.clone() for s in stage.state)
     module = copy.deepcopy(stage.module)
     synthesizer = copy.deepcopy(stage.time_synthesizer)
@@ -108,24 +110,67 @@ def test_dni_in_time_updates_with_the_prediction_and_fits_the_bootstrapped_targe
     sg_optimizer.load_state_dict(copy.deepcopy(stage.time_sg_optimizer.state_dict()))
     optimizer = make_optimizer(module.parameters(), ADAM)
     optimizer.load_state_dict(copy.deepcopy(stage.optimizer.state_dict()))
-
     leaves = tuple(s.clone().requires_grad_(True) for s in start)
-    logits, end = module(x1, leaves)
-    future = synthesizer(flat(end).detach()).detach()
-    total = LanguageModel().loss(logits, y1) + (flat(end) * future).sum()
+    logits, end = module(x, leaves)
+    future = future_scale * synthesizer(flat(end).detach()).detach()
+    total = LanguageModel().loss(logits, y) + (flat(end) * future).sum()
     optimizer.zero_grad()
     total.backward()
     optimizer.step()
     target = flat(tuple(s.grad for s in leaves))
-    assert target.abs().sum() > 0 and future.abs().sum() > 0
-    fit(synthesizer, sg_optimizer, target, flat(start))
+    fit(synthesizer, sg_optimizer, normalise(target), flat(start))
+    return module, synthesizer, target, future
 
+
+def assert_same_weights(stage: RecurrentStage, module: nn.Module, synthesizer: nn.Module) -> None:
+    for a, b in [*zip(params(stage.module), params(module)),
+                 *zip(params(stage.time_synthesizer), params(synthesizer))]:
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_dni_in_time_updates_with_the_prediction_and_fits_the_bootstrapped_target():
+    stage = head(dni=True)
+    (x0, y0), (x1, y1) = chunks(2)
+    stage.forward(0, [x0], y0)
+    module, synthesizer, target, future = by_hand(stage, x1, y1)
+    assert target.abs().sum() > 0 and future.abs().sum() > 0
     stage.forward(1, [x1], y1)
-    for a, b in zip(params(stage.module), params(module)):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
-    for a, b in zip(params(stage.time_synthesizer), params(synthesizer)):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert_same_weights(stage, module, synthesizer)
     assert stage.stats.time_fits == 1  # the first chunk starts from the zero state: no fit
+
+
+def test_normalised_time_targets_scale_the_fit_and_the_prediction_by_their_running_size():
+    beta = 0.75
+    stage = head(dni=True)
+    stage.time_target_decay = beta
+    (x0, y0), (x1, y1) = chunks(2)
+    stage.forward(0, [x0], y0)   # no fit yet: sigma is 0, M_t silent
+    assert stage.time_target_ms is None and stage.target_scale() == 0.0
+    stage.time_target_ms = 4.0   # as if earlier targets had had a mean square of 4: sigma 2
+
+    def normalise(target: torch.Tensor) -> torch.Tensor:
+        return target / (beta * 4.0 + (1 - beta) * target.pow(2).mean().item()) ** 0.5
+
+    module, synthesizer, target, _ = by_hand(stage, x1, y1, 2.0, normalise)
+    stage.forward(1, [x1], y1)
+    ms = beta * 4.0 + (1 - beta) * target.pow(2).mean().item()
+    assert stage.time_target_ms == pytest.approx(ms)
+    assert_same_weights(stage, module, synthesizer)
+    restored = head(dni=True)
+    restored.time_target_decay = beta
+    restored.load_state_dict(io_roundtrip(stage.state_dict()))
+    assert restored.time_target_ms == pytest.approx(ms)
+    with pytest.raises(ValueError, match="time_target_decay"):
+        RecurrentStage("lm", LSTMHead(VOCAB, HIDDEN, VOCAB, tokens=True),
+                       torch.optim.SGD([torch.zeros(1)], lr=0.1), objective=LanguageModel(),
+                       time_target_decay=1.0)
+
+
+def io_roundtrip(state: dict) -> dict:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
 
 
 def test_a_zero_initialised_time_synthesizer_is_truncated_bptt_at_first():
