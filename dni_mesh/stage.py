@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from dni_mesh.objective import Objective
-from dni_mesh.synthetic import Synthesizer, SyntheticInput, fit
+from dni_mesh.synthetic import Explained, Synthesizer, SyntheticInput, fit
 from dni_mesh.update import Backprop, BPLambda, Delayed, SyntheticGradient, UpdateRule
 
 
@@ -115,6 +115,7 @@ class Stage:
         self.synthetic_input = synthetic_input.to(self.device) if synthetic_input is not None else None
         self.input_optimizer = input_optimizer
         self.window = window
+        self.explained = Explained()  # of the synthesizer's targets, for its gate
         self.stats = StageStats()
         self.pending: dict[int, Pending] = {}
         self.last_seq = -1  # highest seq taken forward in training: tells stale from unknown
@@ -154,7 +155,7 @@ class Stage:
         if self.synthetic_input is not None:  # the module learns in synthetic_step only
             self.pending[seq] = Pending(h.detach(), labels)
             return StepResult(output=h.detach(), input_grads=leaf_grads(h, leaves, synthetic))
-        self.apply(h, synthetic)
+        self.apply(h, synthetic, self.trust())
         if deferred:
             self.pending[seq] = Pending(h.detach(), labels, leaves, list(needs_input_grad))
             return StepResult(output=h.detach(), input_grads=None)
@@ -198,7 +199,7 @@ class Stage:
             guess = self.synthetic_input(x)
         self.module.train()
         h = self.module(guess)
-        self.apply(h, self.synthetic_gradient(h.detach(), labels))
+        self.apply(h, self.synthetic_gradient(h.detach(), labels), self.trust())
 
     def fit_input(self, x: Tensor, real: Tensor) -> float:
         """Regress I(x) onto the real input that came for the source's batch x."""
@@ -294,11 +295,22 @@ class Stage:
             g = self.synthesizer(h, labels if self.synthesizer.conditioned else None)
         return g * self.synthesizer.scale
 
-    def apply(self, h: Tensor, grad: Tensor) -> None:
-        """Backpropagate grad from h into the module (and its leaf inputs), then step."""
+    def trust(self) -> float:
+        """What a synthetic update's learning rate is multiplied by: the fraction of its targets
+        the synthesizer explains when it is gated, else 1."""
+        return self.explained.fraction if self.synthesizer.gate else 1.0
+
+    def apply(self, h: Tensor, grad: Tensor, lr_scale: float = 1.0) -> None:
+        """Backpropagate grad from h into the module (and its leaf inputs), then step, with the
+        learning rate times lr_scale for this step only (schedulers see theirs unchanged)."""
         self.optimizer.zero_grad(set_to_none=True)
         h.backward(grad)
+        rates = [group["lr"] for group in self.optimizer.param_groups]
+        for group in self.optimizer.param_groups:
+            group["lr"] *= lr_scale
         self.optimizer.step()
+        for group, lr in zip(self.optimizer.param_groups, rates):
+            group["lr"] = lr
         self.stats.steps += 1
 
     def backpropagate(self, inputs: list[Tensor], needs_grad: list[bool],
@@ -315,6 +327,7 @@ class Stage:
     def fit_synthesizer(self, h: Tensor, labels: Tensor | None, grad: Tensor) -> float:
         loss = fit(self.synthesizer, self.sg_optimizer, grad, h,
                    labels if self.synthesizer.conditioned else None)
+        self.explained.add(loss, grad)
         self.stats.sg_fits += 1
         return loss
 
@@ -324,7 +337,8 @@ class Stage:
         with none. Plain tensors and numbers only,
         so `torch.load(weights_only=True)` reads it back."""
         state = {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "stats": asdict(self.stats), "last_seq": self.last_seq}
+                 "stats": asdict(self.stats), "last_seq": self.last_seq,
+                 "explained": asdict(self.explained)}
         if self.synthesizer is not None:
             state["synthesizer"] = self.synthesizer.state_dict()
             state["sg_optimizer"] = self.sg_optimizer.state_dict()
@@ -348,6 +362,7 @@ class Stage:
             self.synthetic_input.load_state_dict(state["synthetic_input"])
             self.input_optimizer.load_state_dict(state["input_optimizer"])
         self.stats = StageStats(**state["stats"])
+        self.explained = Explained(**state.get("explained", {}))  # none in older checkpoints
         self.last_seq = int(state["last_seq"])
         self.pending.clear()
 

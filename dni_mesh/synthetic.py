@@ -25,6 +25,9 @@ class SyntheticGradientConfig:
     activations, "auto" picks conv for 3-d activations and mlp otherwise.
     scale: the prediction is multiplied by it before the node applies it (M is still fitted
     on the raw target), a damping trick for the first steps.
+    gate: the node's learning rate is multiplied, at each synthetic update, by the fraction of
+    its targets M explains (`Explained`), so it does not take full Adam steps on the noise of a
+    synthesizer that has not learnt yet; what keeps DNI learning at deep windows.
     target: what the synthesizer *upstream* of this node is fitted on, "bootstrap" (the
     paper's) or "backprop": it becomes the node's update rule (`dni_mesh.update.Target`).
     """
@@ -38,6 +41,29 @@ class SyntheticGradientConfig:
     optimizer: dict = field(default_factory=lambda: {"name": "adam", "lr": 1e-4})
     scale: float = 1.0
     target: str = "bootstrap"
+    gate: bool = False
+
+
+@dataclass
+class Explained:
+    """The fraction of its targets a synthesizer predicts: 1 - E[fit loss] / E[target^2],
+    clipped to [0, 1], both moving averages over its fits (0 before the first). A fresh or
+    lagging synthesizer scores near 0, one that tracks its targets near 1."""
+
+    decay: float = 0.9
+    error: float | None = None  # moving average of the regression loss (MSE before each fit)
+    power: float | None = None  # moving average of the targets' mean square
+
+    def add(self, loss: float, target: Tensor) -> None:
+        power = target.double().pow(2).mean().item()
+        self.error = loss if self.error is None else self.decay * self.error + (1 - self.decay) * loss
+        self.power = power if self.power is None else self.decay * self.power + (1 - self.decay) * power
+
+    @property
+    def fraction(self) -> float:
+        if not self.power:
+            return 0.0
+        return min(1.0, max(0.0, 1.0 - self.error / self.power))
 
 
 def zero_(layer: nn.Module) -> nn.Module:
@@ -80,6 +106,7 @@ class Synthesizer(nn.Module):
         self.conditioned = config.conditioned
         self.num_classes = num_classes
         self.scale = config.scale
+        self.gate = config.gate
         extra = num_classes * labels_per_sample if config.conditioned else 0
         hidden = 0 if kind == "linear" else config.hidden
         if kind == "conv":

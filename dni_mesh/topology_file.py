@@ -86,6 +86,7 @@ class SyntheticGradientFile(_Strict):
     kind: Literal["auto", "mlp", "linear", "conv"] = "auto"
     scale: float = 1.0
     target: Literal["bootstrap", "backprop"] = "bootstrap"
+    gate: bool = False  # scale each synthetic update's learning rate by what M explains
     optimizer: OptimizerFile = Field(default_factory=lambda: OptimizerFile(name="adam", lr=1e-4))
 
 

@@ -19,12 +19,13 @@ pytestmark = pytest.mark.skipif(not (DATA / "mnist").is_dir(),
 
 
 def slow_chain() -> dict:
-    """Long enough (a 3 ms link on every edge) to be interrupted after its first checkpoints."""
+    """Long enough (a 6 ms link on every edge: at least 12 ms a step) to be interrupted after its
+    first checkpoints, however fast the machine."""
     topology = chain("dni")
     topology["data"].update(epochs=2, limit=None, eval_every=1, batch_size=32,
                             args={"limit": 2048})
     topology["checkpoint"] = {"every": 16}
-    topology["links"] = {"default": {"delay_ms": 3}}
+    topology["links"] = {"default": {"delay_ms": 6}}
     return topology
 
 

@@ -19,12 +19,12 @@ def block(d_in: int, d_out: int) -> nn.Module:
 
 
 def make_stage(mode="dni", module=None, d_out=6, head=False, window=64, bp_lambda=1.0,
-               optimizer=ADAM, hidden=0, seed=0) -> Stage:
+               optimizer=ADAM, hidden=0, seed=0, gate=False) -> Stage:
     torch.manual_seed(seed)
     module = module if module is not None else block(4, d_out)
     synthesizer = sg_optimizer = None
     if not head and mode != "backprop":
-        config = SyntheticGradientConfig(hidden=hidden, width=8, conditioned=mode == "cdni")
+        config = SyntheticGradientConfig(hidden=hidden, width=8, conditioned=mode == "cdni", gate=gate)
         synthesizer = Synthesizer((d_out,), 3, config)
         sg_optimizer = make_optimizer(synthesizer.parameters(), ADAM)
     rule = None if head else update_rule(mode, bp_lambda=bp_lambda)
@@ -362,3 +362,36 @@ def test_delayed_recomputes_in_training_mode_after_an_evaluation():
     grad = torch.randn(8, 6, generator=torch.Generator().manual_seed(3))
     back = stage.backward(0, grad)
     assert torch.allclose(back.input_grads[0], vjp(before, x, lambda h: grad), atol=1e-5)
+
+
+def test_a_gated_stage_steps_as_far_as_its_synthesizer_explains_its_targets():
+    """The gate multiplies a synthetic update's learning rate by the fraction of its targets M
+    explains: none before M was fitted, and the optimizer's own rate is left as it was."""
+    gated = make_stage(gate=True, optimizer={"name": "sgd", "lr": 0.1})
+    assert gated.trust() == 0.0
+    x, y = batch()
+    target = torch.randn(8, 6, generator=torch.Generator().manual_seed(3))
+    for seq in range(20):  # M learns to predict a gradient
+        gated.forward(seq, [x], y)
+        gated.backward(seq, target)
+    plain = copy.deepcopy(gated)
+    plain.synthesizer.gate = False
+    fraction = gated.trust()
+    assert 0.0 < fraction < 1.0 and plain.trust() == 1.0
+    before = params(gated)
+    for stage in (gated, plain):
+        stage.forward(20, [x], y)
+    for b, g, p in zip(before, params(gated), params(plain)):
+        assert torch.allclose(g - b, fraction * (p - b), atol=1e-7)
+    assert not same(before, params(gated))
+    assert [group["lr"] for group in gated.optimizer.param_groups] == [0.1]
+
+
+def test_explained_is_the_fraction_of_the_target_power_predicted():
+    from dni_mesh.synthetic import Explained
+    explained = Explained(decay=0.5)
+    assert explained.fraction == 0.0  # never fitted
+    explained.add(0.25, torch.ones(4))  # error 0.25 of power 1
+    assert explained.fraction == pytest.approx(0.75)
+    explained.add(3.0, torch.ones(4))  # worse than predicting nothing: clipped at 0
+    assert explained.fraction == 0.0
