@@ -100,10 +100,9 @@ class Stage:
             raise ValueError(f"stage {name}: rule {rule} needs a "
                              f"{'' if rule.conditioned else 'un'}conditioned synthesizer")
         if synthetic_input is not None and not (
-                isinstance(rule, SyntheticGradient) and not rule.defers_input_grads
-                and input_optimizer is not None):
-            raise ValueError(f"stage {name}: a synthetic input needs the dni or cdni rule with "
-                             f"bootstrap targets and an optimizer for I, not {rule}")
+                isinstance(rule, SyntheticGradient) and input_optimizer is not None):
+            raise ValueError(f"stage {name}: a synthetic input needs the dni or cdni rule and "
+                             f"an optimizer for I, not {rule}")
         self.name = name
         self.device = torch.device(device)
         self.module = module.to(self.device)
@@ -152,15 +151,15 @@ class Stage:
             self.pending[seq] = Pending(h, labels, leaves)
             return StepResult(output=h.detach(), input_grads=None)
         synthetic = self.synthetic_gradient(h.detach(), labels)
-        if self.synthetic_input is not None:  # the module learns in synthetic_step only
-            self.pending[seq] = Pending(h.detach(), labels)
-            return StepResult(output=h.detach(), input_grads=leaf_grads(h, leaves, synthetic))
-        self.apply(h, synthetic, self.trust())
+        if self.synthetic_input is None:  # else the module learns in synthetic_step only
+            self.apply(h, synthetic, self.trust())
         if deferred:
             self.pending[seq] = Pending(h.detach(), labels, leaves, list(needs_input_grad))
             return StepResult(output=h.detach(), input_grads=None)
         self.pending[seq] = Pending(h.detach(), labels)
-        return StepResult(output=h.detach(), input_grads=grads_of(leaves))
+        unlocked = self.synthetic_input is not None
+        return StepResult(output=h.detach(),
+                          input_grads=leaf_grads(h, leaves, synthetic) if unlocked else grads_of(leaves))
 
     def backward(self, seq: int, grad: Tensor) -> BackwardResult:
         """Take the gradient for seq's output (summed over consumers).

@@ -440,8 +440,6 @@ def _trigger_edges(raw: RawTopology, nodes: dict[str, NodeSpec],
             if inputs[0].src == source else
             f"a synthetic input needs mode dni or cdni (its out-edges), not {node.mode}"
             if node.mode not in ("dni", "cdni") else
-            "a synthetic input needs synthetic_gradient.target bootstrap"
-            if node.synthetic_gradient["target"] != "bootstrap" else
             f"a recurrent node (time: {node.time}) takes no synthetic input" if node.time else
             None)
         if problem is not None:

@@ -25,13 +25,13 @@ torch.set_num_threads(1)
 INPUT = {"hidden": 1, "width": 16, "optimizer": {"name": "adam", "lr": 1e-3}}
 
 
-def unlocked(window: int = 1) -> StageCore:
+def unlocked(window: int = 1, target: str = "bootstrap") -> StageCore:
     """l2 (6 -> 5 features) fed by l1, with a trigger edge from the source (4 features)."""
     inputs = (InEdge("l1->l2", "l1", window, True, (6,), torch.float32),
               InEdge("source->l2", "source", window, False, (4,), torch.float32,
                      kind=EdgeKind.TRIGGER))
     stage = make_stage("l2", partial(Block, 6, 5), input_shapes=[(6,)],
-                       optimizer={"name": "adam", "lr": 0.01}, rule=update_rule("cdni"),
+                       optimizer={"name": "adam", "lr": 0.01}, rule=update_rule("cdni", target=target),
                        synthetic_gradient=SyntheticGradientConfig(optimizer={"name": "adam", "lr": 1e-3}),
                        num_classes=3, window=window, synthetic_input=INPUT, source_shape=(4,))
     wiring = Wiring("l2", inputs, (OutEdge("l2->head", "head"),), window, True, 8, 3)
@@ -67,6 +67,18 @@ def test_the_source_batch_alone_steps_the_node_and_the_real_input_does_not():
     core.receive("head", wire.Gradient("l2->head", 0, torch.ones(8, 5)))  # M learns
     core.receive("source", batch(1, "source->l2", 4))
     assert changed(before, core) and core.stage.stats.steps == 2
+
+
+def test_with_backprop_targets_the_answer_upstream_waits_for_the_true_gradient():
+    core = unlocked(target="backprop")
+    core.receive("source", batch(0, "source->l2", 4))
+    before = weights(core)
+    actions = core.receive("l1", batch(0, "l1->l2", 6))
+    assert [a.node for a in actions if isinstance(a, Send)] == ["head"]  # its producers wait
+    answer = core.receive("head", wire.Gradient("l2->head", 0, torch.ones(8, 5)))
+    upstream = {a.node: a.message for a in answer if isinstance(a, Send)}["l1"]
+    assert tuple(upstream.dh.shape) == (8, 6) and upstream.dh.abs().sum() > 0
+    assert not changed(before, core)  # only synthetic steps update the module
 
 
 def test_the_window_bounds_how_far_synthetic_steps_run_ahead():
@@ -134,8 +146,6 @@ def test_the_topology_adds_a_trigger_edge_from_the_source(tmp_path):
     (lambda t: t["nodes"]["l1"].update(synthetic_input={}), "nodes.l1.synthetic_input",
      "comes from the source 'source' already"),
     (lambda t: t.update(mode="backprop"), "nodes.l2.synthetic_input", "needs mode dni or cdni"),
-    (lambda t: t["nodes"]["l2"].update(synthetic_gradient={"target": "backprop"}),
-     "nodes.l2.synthetic_input", "target bootstrap"),
     (lambda t: t["edges"].append("source -> l2"), "nodes.l2.synthetic_input", "it has 2 in-edges"),
     (lambda t: t["nodes"]["l2"].update(synthetic_input={"width": 0}), "nodes.l2.synthetic_input.width",
      "greater than or equal to 1"),
