@@ -114,7 +114,7 @@ def chain(**l2: object) -> dict:
     return {
         "name": "unlock", "mode": "cdni", "seed": 2,
         "data": {"source": "mnist", "batch_size": 32, "epochs": 1, "eval_every": 0, "limit": 12,
-                 "data_dir": str(DATA)},
+                 "args": {"limit": 512}, "data_dir": str(DATA)},  # 16 test batches
         "defaults": {"optimizer": {"name": "adam", "lr": 1e-3}, "window": 1,
                      "synthetic_gradient": {"optimizer": {"name": "adam", "lr": 1e-4}}},
         "nodes": {"source": {"role": "source"},
