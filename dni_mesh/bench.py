@@ -108,14 +108,17 @@ def eval_due(topology: Topology, epoch: int) -> bool:
     return epoch == data.epochs or bool(data.eval_every and epoch % data.eval_every == 0)
 
 
-def variant(topology: Topology, mode: str) -> list[str]:
-    """The overrides that make a bench mode of the topology: `mode=...`, and for complete unlock
-    a synthetic input (default settings) on each stage whose input is not the source's data."""
+def variant(path: Path, overrides: list[str], mode: str) -> list[str]:
+    """The overrides that make a bench mode of a topology: `mode=...`, and for complete unlock
+    cdni with a synthetic input (default settings) on each stage that can take one: a
+    feed-forward cdni stage with one input, not the source's data."""
     if mode != COMPLETE_UNLOCK:
         return [f"mode={mode}"]
+    topology = load_topology(path, [*overrides, "mode=cdni"])
     fed = {e.dst for e in topology.outputs(topology.source)}
     return ["mode=cdni", *(f"nodes.{name}.synthetic_input={{}}" for name, spec in topology.nodes.items()
-                           if spec.role == "stage" and name not in fed)]
+                           if spec.role == "stage" and spec.mode == "cdni" and spec.time is None
+                           and name not in fed and len(topology.inputs(name)) == 1)]
 
 
 def mesh_row(config: BenchConfig, mode: str, delay_ms: float, repeat: int,
@@ -126,7 +129,7 @@ def mesh_row(config: BenchConfig, mode: str, delay_ms: float, repeat: int,
     head's last record is the start-up before it (overestimated by the head's exit, a fraction of
     a second), so the two add up to seconds since the run started.
     """
-    overrides = [*config.overrides, *variant(load_topology(config.topology, config.overrides), mode),
+    overrides = [*config.overrides, *variant(config.topology, config.overrides, mode),
                  f"links.default.delay_ms={delay_ms:g}"]
     topology = load_topology(config.topology, overrides)
     run_dir = config.run_dir / f"mesh-{mode}-{delay_ms:g}ms-{repeat}"
@@ -346,9 +349,9 @@ def plot(report: dict, path: Path) -> None:
 
 def check(config: BenchConfig) -> None:
     """Refuse a bad mode, override or microbatch count before the first run starts."""
-    base = load_topology(config.topology, config.overrides)
     for mode in config.modes:
-        topology = load_topology(config.topology, [*config.overrides, *variant(base, mode)])
+        topology = load_topology(config.topology,
+                                 [*config.overrides, *variant(config.topology, config.overrides, mode)])
     if topology.data.batch_size % config.microbatches:
         raise ValueError(f"batch_size {topology.data.batch_size} does not split into "
                          f"--microbatches {config.microbatches} equal parts")

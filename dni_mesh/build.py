@@ -265,8 +265,9 @@ def plan_digest(topology: Topology) -> str:
     node refuses a plan made for another file or other `--set`s."""
     decisive = {"data": [topology.data.source, topology.data.args],
                 "nodes": {n.name: [n.role, n.module, n.args, n.time, n.tick, n.objective,
-                                   n.objective_args] for n in topology.nodes.values()},
-                "edges": [[e.name, e.gather, e.kind] for e in topology.edges]}
+                                   n.objective_args] + ([n.synthetic_input] if n.synthetic_input else [])
+                          for n in topology.nodes.values()},
+                "edges": [[e.name, e.gather] for e in topology.edges]}  # a trigger's: by its node
     return hashlib.sha256(json.dumps(decisive, sort_keys=True, default=repr).encode()).hexdigest()
 
 
@@ -475,7 +476,7 @@ def _dry_run(topology: Topology, name: str, shapes: dict[str, tuple[int, ...]],
             raise topology.error(("nodes", name, "time"), (
                 f"{name}: a recurrent node (time: {spec.time}) takes the modes backprop, dni and "
                 f"cdni with bootstrap synthesizer targets, not {rule}"))
-        if spec.synthetic_gradient["gate"]:
+        if spec.synthetic_gradient["gate"] and rule is not None and rule.synthetic:
             raise topology.error(("nodes", name, "synthetic_gradient", "gate"), (
                 f"{name}: a recurrent node (time: {spec.time}) has no gated updates yet"))
     if not isinstance(out, torch.Tensor):

@@ -552,6 +552,7 @@ class StageCore(Core):
         self.backlog: list[Action] = []  # answers owed for skipped seqs, sent at the next advance
         self.trigger = next((e.name for e in wiring.inputs if e.kind is EdgeKind.TRIGGER), None)
         self.synthetic_seq = 0  # complete unlock: the next seq to step on I(x)
+        self.evaluating_at: int | None = None  # the last eval seq synthetic steps went past
 
     def open_edge(self, peer: str, name: str) -> InEdge | str:
         """The in-edge a message names, if peer is its producer and it has not ended; else why not."""
@@ -747,10 +748,17 @@ class StageCore(Core):
             return
         self.synthetic_seq = max(self.synthetic_seq, self.next_seq)
         while len(self.outputs.pending) + self.synthetic_seq - self.next_seq < self.wiring.window:
+            if self.synthetic_seq in self.skipped:  # never joined: nothing to learn from
+                self.synthetic_seq += 1
+                continue
             act = self.arrived.get(self.synthetic_seq, {}).get(self.trigger)
             if act is None:
                 return
-            if act.phase == "train":
+            if act.phase != "train":
+                self.evaluating_at = self.synthetic_seq
+            elif self.evaluating_at is not None and self.next_seq <= self.evaluating_at:
+                return  # no update before the evaluation pass it follows is done
+            else:
                 self.stage.synthetic_step(aligned(act.h), act.labels)
                 self.counters.progress += 1
             self.synthetic_seq += 1

@@ -191,13 +191,16 @@ class Stage:
         return BackwardResult(input_grads=input_grads, sg_loss=sg_loss)
 
     def synthetic_step(self, x: Tensor, labels: Tensor | None) -> None:
-        """Complete unlock: update on module(I(x)) with M's gradient, without the real input."""
+        """Complete unlock: update on module(I(x)) with M's gradient, without the real input.
+        Buffers are copied: batch-norm statistics count real inputs only, as evaluation uses."""
         x = x.to(self.device, torch.float32)
         self.synthetic_input.train()
         with torch.no_grad():
             guess = self.synthetic_input(x)
         self.module.train()
-        h = self.module(guess)
+        state = {**dict(self.module.named_parameters()),
+                 **{name: b.clone() for name, b in self.module.named_buffers()}}
+        h = torch.func.functional_call(self.module, state, (guess,))
         self.apply(h, self.synthetic_gradient(h.detach(), labels), self.trust())
 
     def fit_input(self, x: Tensor, real: Tensor) -> float:
@@ -305,8 +308,8 @@ class Stage:
         self.optimizer.zero_grad(set_to_none=True)
         h.backward(grad)
         rates = [group["lr"] for group in self.optimizer.param_groups]
-        for group in self.optimizer.param_groups:
-            group["lr"] *= lr_scale
+        for group, lr in zip(self.optimizer.param_groups, rates):
+            group["lr"] = lr * lr_scale  # a new object: a tensor rate is not scaled in place
         self.optimizer.step()
         for group, lr in zip(self.optimizer.param_groups, rates):
             group["lr"] = lr
@@ -326,7 +329,8 @@ class Stage:
     def fit_synthesizer(self, h: Tensor, labels: Tensor | None, grad: Tensor) -> float:
         loss = fit(self.synthesizer, self.sg_optimizer, grad, h,
                    labels if self.synthesizer.conditioned else None)
-        self.explained.add(loss, grad)
+        if self.synthesizer.gate:
+            self.explained.add(loss, grad)
         self.stats.sg_fits += 1
         return loss
 

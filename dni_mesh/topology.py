@@ -165,8 +165,9 @@ class Topology:
         return [n.name for n in self.nodes.values() if n.role == "head"]
 
     def topological_order(self) -> list[str]:
-        """Every node after all of its inputs; ties keep file order, so the order is stable."""
-        waiting = {name: len(self.inputs(name)) for name in self.nodes}
+        """Every node after all of its in-edges' producers; ties keep file order, so the order
+        is stable."""
+        waiting = {name: len(self.in_edges(name)) for name in self.nodes}
         order = [name for name, count in waiting.items() if count == 0]
         for name in order:  # grows while we walk it
             for edge in self.outputs(name):

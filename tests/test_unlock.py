@@ -11,7 +11,7 @@ import yaml
 
 import dni_mesh
 from dni_mesh import wire
-from dni_mesh.build import make_stage
+from dni_mesh.build import make_stage, probe
 from dni_mesh.core import EdgeKind, InEdge, OutEdge, Send, StageCore, Wiring
 from dni_mesh.reference import train_in_process
 from dni_mesh.synthetic import SyntheticGradientConfig
@@ -93,10 +93,31 @@ def test_the_window_bounds_how_far_synthetic_steps_run_ahead():
     assert core.stage.stats.steps == 3 and core.stage.stats.sg_fits == 1
 
 
-def test_evaluation_batches_take_no_synthetic_step():
-    core = unlocked()
+def test_evaluation_batches_take_no_synthetic_step_and_none_runs_ahead_of_a_pass():
+    core = unlocked(window=3)
     core.receive("source", batch(0, "source->l2", 4, phase="eval"))
     assert core.stage.stats.steps == 0 and core.synthetic_seq == 1
+    core.receive("source", batch(1, "source->l2", 4))  # training resumes after the pass...
+    assert core.stage.stats.steps == 0  # ...but not before the pass was evaluated
+    core.receive("l1", batch(0, "l1->l2", 6, phase="eval"))
+    assert core.eval.batches == 1 and core.stage.stats.steps == 1
+
+
+def test_synthetic_steps_leave_batch_norm_statistics_to_the_real_inputs():
+    core = unlocked()
+    buffers = {name: b.clone() for name, b in core.stage.module.named_buffers()}
+    core.receive("source", batch(0, "source->l2", 4))
+    for name, b in core.stage.module.named_buffers():
+        assert torch.equal(b, buffers[name]), name
+    core.receive("l1", batch(0, "l1->l2", 6))
+    assert int(core.stage.module.state_dict()["net.2.num_batches_tracked"]) == 1
+
+
+def test_a_seq_a_producer_skipped_is_stepped_over():
+    core = unlocked(window=3)
+    core.skip(range(0, 1))
+    core.receive("source", batch(1, "source->l2", 4))
+    assert core.synthetic_seq == 2 and core.stage.stats.steps == 1
 
 
 def test_the_synthetic_input_is_saved_and_restored():
@@ -138,6 +159,18 @@ def test_the_topology_adds_a_trigger_edge_from_the_source(tmp_path):
     top = load_topology(write(tmp_path, chain()))
     assert [(e.name, e.kind) for e in top.in_edges("l2")] == [("l1->l2", "data"), ("source->l2", "trigger")]
     assert [e.name for e in top.inputs("l2")] == ["l1->l2"] and "source" in top.neighbours("l2")
+
+
+def test_a_deeper_node_unlocked_alone_and_listed_first_comes_after_its_producer(tmp_path):
+    topology = chain()
+    topology["nodes"]["l3"] = {"module": "nodes.mlp:Block", "args": {"d_in": 32, "d_out": 32},
+                               "synthetic_input": INPUT}
+    del topology["nodes"]["l2"]["synthetic_input"]
+    topology["nodes"] = {name: topology["nodes"][name] for name in ("l3", "source", "l1", "l2", "head")}
+    topology["edges"] = ["source -> l1", "l1 -> l2", "l2 -> l3", "l3 -> head"]
+    top = load_topology(write(tmp_path, topology))
+    assert top.topological_order() == ["source", "l1", "l2", "l3", "head"]
+    assert probe(top).shapes["l3"] == (32,)
 
 
 @pytest.mark.parametrize("change, key, problem", [
