@@ -156,7 +156,7 @@ class SyntheticInput(nn.Module):
     """
 
     def __init__(self, source_shape: tuple[int, ...], target_shape: tuple[int, ...],
-                 hidden: int = 2, width: int = 1024):
+                 hidden: int = 2, width: int = 256):
         super().__init__()
         self.target_shape = tuple(target_shape)
         layers: list[nn.Module] = [nn.Flatten()]

@@ -93,8 +93,8 @@ class SyntheticGradientFile(_Strict):
 class SyntheticInputFile(_Strict):
     """A node's synthetic input I(x) (complete unlock, dni_mesh.synthetic.SyntheticInput)."""
     hidden: Annotated[int, Field(ge=0)] = 2
-    width: PositiveInt = 1024
-    optimizer: OptimizerFile = Field(default_factory=lambda: OptimizerFile(name="adam", lr=1e-4))
+    width: PositiveInt = 256
+    optimizer: OptimizerFile = Field(default_factory=lambda: OptimizerFile(name="adam", lr=1e-3))
 
 
 class RestartFile(_Strict):
