@@ -42,13 +42,14 @@ def in_process(overrides: list[str]) -> dict:
 
 
 def mesh(overrides: list[str]) -> dict:
-    """One run as processes: the head's accuracy after every epoch, samples/s, wall time."""
+    """One run as processes: the head's accuracy after every epoch, its training samples/s and
+    the wall time."""
     with tempfile.TemporaryDirectory() as folder:
         summary = dni_mesh.run(EXAMPLE, overrides, quiet=True, run_dir=Path(folder))
         records = [json.loads(line) for line in (Path(folder) / "head.jsonl").read_text().splitlines()]
     curve = accuracies(records)
     return {"test_accuracy": curve[-1], "curve": curve, "wall_s": summary["wall_s"],
-            "samples_per_s": summary["nodes"]["head"].get("samples_per_s")}
+            "train_samples_per_s": summary["train_samples_per_s"]}
 
 
 def main() -> None:
