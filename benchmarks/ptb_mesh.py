@@ -2,6 +2,7 @@
 process: test bits per character and training characters per second.
 
     python -m benchmarks.ptb_mesh [--quick] [--set dotted.key=value ...] [--json PATH]
+                                  [--only CONFIGURATION ...] [--repeat N]
 
 Issue 12: `examples/ptb_char_dni.yaml` (source -> l1 LSTM -> head LSTM + softmax, chunks of T
 characters) runs as it is and as its truncated-BPTT baseline (locked, no DNI in time). Each
@@ -11,7 +12,9 @@ in one process on one thread (`train_in_process`: the very same node cores on on
 bus). Whether splitting a network over processes costs accuracy or buys speed is what this
 measures. At window 1 the cores see their events in the same order in both, so the bits per
 character should agree up to float noise; an unlocked edge with a window above 1 lets the
-mesh's steps overlap, which may change them.
+mesh's steps overlap, which may change them: how far layer 1 runs ahead then depends on the
+processes' timing, so two mesh runs of one configuration differ. --repeat N runs the mesh N
+times per configuration (the one-process run is deterministic: once) and compares their mean.
 
 Rate: the head's last training step record (`samples_per_s`, its own clock, evaluation passes
 left out; a sample is one row of a chunk) times T, in characters per second, in both systems.
@@ -87,7 +90,10 @@ def table(results: dict) -> str:
              "|---|---|---|---|---|---|"]
     for name, r in results.items():
         mesh, one = r["mesh"], r["one process"]
-        lines.append(f"| {name} | {mesh['test_bpc']:.4f} / {one['test_bpc']:.4f} | "
+        runs = r["mesh_test_bpc_runs"]
+        shown = (f"{r['mesh_test_bpc_mean']:.4f} (mean of {', '.join(f'{b:.4f}' for b in runs)})"
+                 if len(runs) > 1 else f"{mesh['test_bpc']:.4f}")
+        lines.append(f"| {name} | {shown} / {one['test_bpc']:.4f} | "
                      f"{r['bpc_mesh_minus_one_process']:+.4f} | {mesh['chars_per_s']:,.0f} / "
                      f"{one['chars_per_s']:,.0f} | x{r['mesh_over_one_process_rate']:.2f} | "
                      f"{mesh['wall_s']:.0f} / {one['wall_s']:.0f} |")
@@ -99,18 +105,31 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="200 chunks, 200 to test")
     parser.add_argument("--set", action="append", default=[], help="extra dotted.key=value")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/ptb_mesh.json"))
+    parser.add_argument("--only", action="append", choices=list(CONFIGURATIONS),
+                        help="run this configuration only (repeatable); default: all")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="mesh runs per configuration (their timing, so their numbers, differ "
+                             "above window 1); the mean is compared")
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    chosen = {name: CONFIGURATIONS[name] for name in args.only or CONFIGURATIONS}
     torch.set_num_threads(1)
     budget = [*(QUICK if args.quick else FULL), "checkpoint.every=0", *args.set]
     started, results = time.monotonic(), {}
     forkserver = ForkServer(node_environment())
     try:
-        for name, extra in CONFIGURATIONS.items():
+        for name, extra in chosen.items():
             overrides = budget + extra
+            runs = [mesh(overrides, forkserver) for _ in range(args.repeat)]
             result = {"topology": describe(load_topology(EXAMPLE, overrides)),
-                      "mesh": mesh(overrides, forkserver), "one process": one_process(overrides)}
+                      "mesh": runs[0], "one process": one_process(overrides)}
+            if args.repeat > 1:
+                result["mesh_repeats"] = runs[1:]
+            result["mesh_test_bpc_runs"] = [r["test_bpc"] for r in runs]
+            result["mesh_test_bpc_mean"] = round(sum(r["test_bpc"] for r in runs) / len(runs), 4)
             result["bpc_mesh_minus_one_process"] = round(
-                result["mesh"]["test_bpc"] - result["one process"]["test_bpc"], 4)
+                result["mesh_test_bpc_mean"] - result["one process"]["test_bpc"], 4)
             result["mesh_over_one_process_rate"] = round(
                 result["mesh"]["chars_per_s"] / result["one process"]["chars_per_s"], 2)
             results[name] = result
@@ -120,7 +139,8 @@ def main() -> None:
         forkserver.close()
     print(table(results))
     report = {"example": str(EXAMPLE.relative_to(EXAMPLE.parents[1])), "overrides": budget,
-              "configurations": CONFIGURATIONS, "machine": machine(),
+              "configurations": chosen, "mesh_runs_per_configuration": args.repeat,
+              "machine": machine(),
               "load_average_at_end": os.getloadavg(), "wall_s": round(time.monotonic() - started),
               "results": results}
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -476,9 +476,6 @@ def _dry_run(topology: Topology, name: str, shapes: dict[str, tuple[int, ...]],
             raise topology.error(("nodes", name, "time"), (
                 f"{name}: a recurrent node (time: {spec.time}) takes the modes backprop, dni and "
                 f"cdni with bootstrap synthesizer targets, not {rule}"))
-        if spec.synthetic_gradient["gate"] and rule is not None and rule.synthetic:
-            raise topology.error(("nodes", name, "synthetic_gradient", "gate"), (
-                f"{name}: a recurrent node (time: {spec.time}) has no gated updates yet"))
     if not isinstance(out, torch.Tensor):
         raise topology.error(("nodes", name, "module"), f"{who} {got}: returned a "
                              f"{type(out).__name__}; a node's module returns one tensor")

@@ -84,6 +84,10 @@ class RecurrentStage(Stage):
     the flattened state ((state size,)); None is truncated BPTT. Rules: Backprop or
     SyntheticGradient with bootstrap targets; a head takes an objective instead.
 
+    A gated synthesizer (`SyntheticGradientConfig.gate`) multiplies the learning rate of each
+    synthetic update (the chunk's M(y) plus M_t(end), at forward time) by the fraction of its
+    targets it explains (`Stage.trust`); a head and a locked layer update at the full rate.
+
     time_target_decay: None (the default) fits M_t onto the raw bootstrapped target. A decay
     beta in (0, 1) fits it onto target / sigma instead, sigma^2 an exponential moving average
     (decay beta) of the targets' mean square, and multiplies its prediction by sigma wherever
@@ -155,7 +159,8 @@ class RecurrentStage(Stage):
             self.pending[seq] = RecurrentPending(y, labels, leaves, start=start, end=end)
             return StepResult(output=y.detach(), input_grads=None)
         h, step_labels = per_step(y.detach(), labels)
-        self.update([(y, self.synthetic_gradient(h, step_labels).view_as(y))], start, end)
+        self.update([(y, self.synthetic_gradient(h, step_labels).view_as(y))], start, end,
+                    self.trust())
         self.pending[seq] = RecurrentPending(h, step_labels)   # fitted per time step
         return StepResult(output=y.detach(), input_grads=grads_of(leaves))
 
@@ -174,9 +179,10 @@ class RecurrentStage(Stage):
         return BackwardResult(input_grads=grads_of(entry.inputs))
 
     def update(self, pairs: list[tuple[Tensor, Tensor]], start: State | None,
-               end: State) -> None:
-        """Backpropagate the chunk's gradients, plus M_t(end) under DNI in time, then step;
-        fit M_t's prediction for start onto the gradient that reached it."""
+               end: State, lr_scale: float = 1.0) -> None:
+        """Backpropagate the chunk's gradients, plus M_t(end) under DNI in time, then step
+        with the learning rate times lr_scale; fit M_t's prediction for start onto the
+        gradient that reached it."""
         if self.time_synthesizer is not None:
             with torch.no_grad():
                 future = (self.time_synthesizer(flat(end).detach())
@@ -185,7 +191,7 @@ class RecurrentStage(Stage):
             sizes = [s[0].numel() for s in ends]
             pieces = future.split(sizes, dim=1)
             pairs = pairs + [(s, g.view_as(s)) for s, g in zip(ends, pieces, strict=True)]
-        self.apply(*joined(pairs))
+        self.apply(*joined(pairs), lr_scale)
         if self.time_synthesizer is not None and start is not None:
             target = flat(tuple(s.grad if s.grad is not None else torch.zeros_like(s)
                                 for s in parts(start)))

@@ -247,6 +247,40 @@ def test_synthetic_gradient_between_nodes_updates_at_once_and_fits_per_time_step
     assert (stage.stats.sg_fits, stage.stats.stale, stage.stats.unknown) == (1, 1, 1)
 
 
+def unlocked_layer(gate: bool) -> RecurrentStage:
+    """An unlocked LSTM layer (dni between nodes, DNI in time), its synthesizers gated or not."""
+    torch.manual_seed(0)
+    module = LSTM(VOCAB, HIDDEN, tokens=True)
+    synthesizer = Synthesizer((HIDDEN,), None, SyntheticGradientConfig(hidden=0, gate=gate))
+    in_time = time_synthesizer(module.state_size, True)
+    return RecurrentStage("l1", module, make_optimizer(module.parameters(), ADAM),
+                          rule=SyntheticGradient(), synthesizer=synthesizer,
+                          sg_optimizer=make_optimizer(synthesizer.parameters(), ADAM),
+                          time_synthesizer=in_time,
+                          time_sg_optimizer=make_optimizer(in_time.parameters(), ADAM), window=2)
+
+
+def test_a_gated_layer_steps_at_the_learning_rate_times_its_synthesizers_explained_fraction():
+    gated, plain = unlocked_layer(gate=True), unlocked_layer(gate=False)
+    (x0, _), (x1, _), (x2, _) = chunks(3)
+    before = params(gated.module)
+    plain.optimizer.param_groups[0]["lr"] = 0.0  # a fresh synthesizer explains nothing
+    for stage in (gated, plain):
+        out0 = stage.forward(0, [x0], None).output
+        stage.forward(1, [x1], None)
+    assert gated.trust() == 0.0 and gated.stats.steps == 2 and same(before, params(gated.module))
+    target = torch.randn(out0.shape, generator=torch.Generator().manual_seed(1))
+    for stage in (gated, plain):
+        stage.backward(0, target)
+    assert 0.0 < gated.trust() < 1.0 and plain.trust() == 1.0
+    plain.optimizer.param_groups[0]["lr"] = ADAM["lr"] * gated.trust()
+    gated.forward(2, [x2], None)
+    plain.forward(2, [x2], None)
+    assert gated.optimizer.param_groups[0]["lr"] == ADAM["lr"]  # for that step only
+    for a, b in zip(params(gated.module), params(plain.module), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-6)
+
+
 @pytest.mark.parametrize("rule", [BPLambda(0.5), SyntheticGradient(target=Target.BACKPROP)])
 def test_rules_a_recurrent_stage_cannot_follow_are_refused(rule):
     module = LSTM(VOCAB, HIDDEN)

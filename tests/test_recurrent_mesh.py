@@ -65,15 +65,3 @@ def test_stacked_lstm_mesh_equals_the_in_process_run(tmp_path, forkserver, mode,
     assert mesh_eval["test_labelled"] == reference_eval["test_labelled"] > 0
     assert 0 < summary["nodes"]["l1"]["steps"] == STEPS
 
-
-def test_a_gate_on_a_recurrent_node_is_refused_by_key(tmp_path):
-    from dni_mesh.build import probe
-    from dni_mesh.topology import TopologyError
-
-    topology = stacked("dni", "dni")
-    topology["nodes"]["l1"]["synthetic_gradient"] = {"gate": True}
-    path = tmp_path / "ptb.yaml"
-    path.write_text(yaml.safe_dump(topology, sort_keys=False))
-    with pytest.raises(TopologyError, match="no gated updates") as error:
-        probe(load_topology(path))
-    assert error.value.key == "nodes.l1.synthetic_gradient.gate"
