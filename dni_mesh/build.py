@@ -526,7 +526,7 @@ def _dry_run_synthetic_input(topology: Topology, name: str, source_shape: tuple[
         guess, error = _forward(model.eval(), [torch.zeros(DRY_BATCH, *source_shape)])
     except Exception as exc:
         guess, error = None, exc
-    if error is not None or guess.shape != real.shape:
+    if error is not None or guess.shape != real.shape or guess.dtype != real.dtype:
         why = _why(error) if error is not None else f"it gives {_show(guess)}"
         raise topology.error(("nodes", name, "synthetic_input"), (
             f"{name}: no synthetic input from the source's data [{', '.join(map(str, source_shape))}]"

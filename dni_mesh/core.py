@@ -804,7 +804,9 @@ class StageCore(Core):
         if result.loss is not None:
             record["loss"] = result.loss
         if fitted is not None:
-            record["input_loss"] = fitted
+            record.update(input_loss=fitted, synthetic_ahead=self.synthetic_seq - seq - 1)
+        if self.stage.gated:
+            record["trust"] = self.stage.trust()
         return actions + [Record(record)]
 
     def send_output(self, seq: int, result: StepResult, labels: Tensor | None,

@@ -297,10 +297,15 @@ class Stage:
             g = self.synthesizer(h, labels if self.synthesizer.conditioned else None)
         return g * self.synthesizer.scale
 
+    @property
+    def gated(self) -> bool:
+        """Whether synthetic updates are scaled by `trust` (`synthetic_gradient.gate`)."""
+        return self.rule is not None and self.rule.synthetic and self.synthesizer.gate
+
     def trust(self) -> float:
         """What a synthetic update's learning rate is multiplied by: the fraction of its targets
         the synthesizer explains when it is gated, else 1."""
-        return self.explained.fraction if self.synthesizer.gate else 1.0
+        return self.explained.fraction if self.gated else 1.0
 
     def apply(self, h: Tensor, grad: Tensor, lr_scale: float = 1.0) -> None:
         """Backpropagate grad from h into the module (and its leaf inputs), then step, with the

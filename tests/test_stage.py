@@ -368,7 +368,8 @@ def test_a_gated_stage_steps_as_far_as_its_synthesizer_explains_its_targets():
     """The gate multiplies a synthetic update's learning rate by the fraction of its targets M
     explains: none before M was fitted, and the optimizer's own rate is left as it was."""
     gated = make_stage(gate=True, optimizer={"name": "sgd", "lr": 0.1})
-    assert gated.trust() == 0.0
+    assert gated.gated and gated.trust() == 0.0
+    assert not make_stage("backprop").gated and not make_stage(head=True).gated
     x, y = batch()
     target = torch.randn(8, 6, generator=torch.Generator().manual_seed(3))
     for seq in range(20):  # M learns to predict a gradient

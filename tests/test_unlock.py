@@ -208,4 +208,5 @@ def test_the_unlocked_mesh_equals_the_in_process_run(tmp_path, forkserver):
     l2 = [json.loads(line) for line in (tmp_path / "run" / "l2.jsonl").read_text().splitlines()]
     fits = of(l2, "step", "input_loss")
     assert len(fits) == 12 and fits[-1] < fits[0]  # I learns its input
+    assert set(of(l2, "step", "synthetic_ahead")) == {0}  # window 1: never ahead of the real step
     assert summary["nodes"]["l2"]["steps"] == 12
