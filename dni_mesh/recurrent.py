@@ -30,7 +30,7 @@ from torch.optim import Optimizer
 
 from dni_mesh.objective import Objective
 from dni_mesh.stage import BackwardResult, Pending, Stage, StageStats, StepResult, grads_of
-from dni_mesh.synthetic import Synthesizer, fit
+from dni_mesh.synthetic import Synthesizer, fit, moving_average
 from dni_mesh.update import Backprop, SyntheticGradient, UpdateRule
 
 State = Tensor | tuple[Tensor, ...]
@@ -196,10 +196,8 @@ class RecurrentStage(Stage):
             target = flat(tuple(s.grad if s.grad is not None else torch.zeros_like(s)
                                 for s in parts(start)))
             if self.time_target_decay is not None:
-                square = target.pow(2).mean().item()
-                beta = self.time_target_decay
-                self.time_target_ms = (square if self.time_target_ms is None
-                                       else beta * self.time_target_ms + (1 - beta) * square)
+                self.time_target_ms = moving_average(self.time_target_ms, target.pow(2).mean().item(),
+                                                     self.time_target_decay)
                 target = target / self.target_scale()
             self.stats.time_loss = fit(self.time_synthesizer, self.time_sg_optimizer, target,
                                        flat(start).detach())

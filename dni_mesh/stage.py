@@ -197,10 +197,7 @@ class Stage:
         self.synthetic_input.train()
         with torch.no_grad():
             guess = self.synthetic_input(x)
-        self.module.train()
-        state = {**dict(self.module.named_parameters()),
-                 **{name: b.clone() for name, b in self.module.named_buffers()}}
-        h = torch.func.functional_call(self.module, state, (guess,))
+        h = self.fresh_forward([guess])
         self.apply(h, self.synthetic_gradient(h.detach(), labels), self.trust())
 
     def fit_input(self, x: Tensor, real: Tensor) -> float:
@@ -326,10 +323,15 @@ class Stage:
         the current weights: the pass that made the output is gone (its weights were updated in
         place since). Buffers are copied, so batch-norm running statistics count the batch once."""
         leaves = [x.detach().requires_grad_(need) for x, need in zip(inputs, needs_grad, strict=True)]
+        return leaf_grads(self.fresh_forward(leaves), leaves, grad)
+
+    def fresh_forward(self, inputs: list[Tensor]) -> Tensor:
+        """The module in training mode, with its current weights, on copies of its buffers:
+        a pass that is not a training step leaves batch-norm statistics alone."""
         state = {**dict(self.module.named_parameters()),
                  **{name: b.clone() for name, b in self.module.named_buffers()}}
         self.module.train()
-        return leaf_grads(torch.func.functional_call(self.module, state, tuple(leaves)), leaves, grad)
+        return torch.func.functional_call(self.module, state, tuple(inputs))
 
     def fit_synthesizer(self, h: Tensor, labels: Tensor | None, grad: Tensor) -> float:
         loss = fit(self.synthesizer, self.sg_optimizer, grad, h,

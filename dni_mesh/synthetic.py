@@ -44,6 +44,11 @@ class SyntheticGradientConfig:
     gate: bool = False
 
 
+def moving_average(average: float | None, value: float, decay: float) -> float:
+    """An exponential moving average's next value; the first value starts it."""
+    return value if average is None else decay * average + (1 - decay) * value
+
+
 @dataclass
 class Explained:
     """The fraction of its targets a synthesizer predicts: 1 - E[fit loss] / E[target^2],
@@ -55,9 +60,8 @@ class Explained:
     power: float | None = None  # moving average of the targets' mean square
 
     def add(self, loss: float, target: Tensor) -> None:
-        power = target.double().pow(2).mean().item()
-        self.error = loss if self.error is None else self.decay * self.error + (1 - self.decay) * loss
-        self.power = power if self.power is None else self.decay * self.power + (1 - self.decay) * power
+        self.error = moving_average(self.error, loss, self.decay)
+        self.power = moving_average(self.power, target.double().pow(2).mean().item(), self.decay)
 
     @property
     def fraction(self) -> float:

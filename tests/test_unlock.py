@@ -210,3 +210,16 @@ def test_the_unlocked_mesh_equals_the_in_process_run(tmp_path, forkserver):
     assert len(fits) == 12 and fits[-1] < fits[0]  # I learns its input
     assert set(of(l2, "step", "synthetic_ahead")) == {0}  # window 1: never ahead of the real step
     assert summary["nodes"]["l2"]["steps"] == 12
+
+
+@pytest.mark.parametrize("peer, message, reason", [
+    ("l1", batch(0, "source->l2", 4), "fed by 'source', not by this peer"),
+    ("source", batch(0, "source->l2", 5), r"expected torch.float32 \[batch, 4\]"),
+    ("source", batch(5, "source->l2", 4), "outside the window"),
+    ("source", wire.Gradient("source->l2", 0, torch.ones(8, 4)), "no out-edge"),
+])
+def test_a_bad_message_on_the_trigger_edge_is_rejected_and_steps_nothing(peer, message, reason):
+    core = unlocked()
+    [reject] = core.receive(peer, message)
+    assert re.search(reason, reject.reason), reject.reason
+    assert core.stage.stats.steps == 0 and core.synthetic_seq == 0 and core.counters.rejected == 1
