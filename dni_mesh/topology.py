@@ -447,6 +447,13 @@ def _trigger_edges(raw: RawTopology, nodes: dict[str, NodeSpec],
             raise raw.error(key, f"node {name}: {problem}")
         source_mode = next(e.mode for e in edges if e.src == source)
         triggers.append(EdgeSpec(source, name, source_mode, kind="trigger"))
+        # A restarted producer resumes past the seqs it lost, and its consumer learns where only
+        # from its next activation; with a trigger edge the source waits for that consumer's
+        # answers to exactly those seqs, so the two would wait for each other.
+        for producer in (e.src for e in inputs if nodes[e.src].max_restarts):
+            raise raw.error(("nodes", producer, "restart", "max"), (
+                f"node {producer} may not restart: its consumer {name} has a synthetic input, and "
+                "a rejoin that skips seqs would stall them both (not supported yet)"))
     return triggers
 
 

@@ -180,6 +180,8 @@ def test_a_deeper_node_unlocked_alone_and_listed_first_comes_after_its_producer(
      "comes from the source 'source' already"),
     (lambda t: t.update(mode="backprop"), "nodes.l2.synthetic_input", "needs mode dni or cdni"),
     (lambda t: t["edges"].append("source -> l2"), "nodes.l2.synthetic_input", "it has 2 in-edges"),
+    (lambda t: t["nodes"]["l1"].update(restart={"max": 1}), "nodes.l1.restart.max",
+     "its consumer l2 has a synthetic input"),
     (lambda t: t["nodes"]["l2"].update(synthetic_input={"width": 0}), "nodes.l2.synthetic_input.width",
      "greater than or equal to 1"),
 ])
